@@ -1,0 +1,561 @@
+"""The configuration of a run: a typed, frozen dataclass schema, loaded from YAML files that
+compose plus `key=value` overrides, validated with errors that name the key.
+
+Composition: a YAML file may list the files it extends under `bases:` (paths relative to
+that file); bases are merged in order, then the file itself, then the overrides. Mappings
+merge key by key; any other value (lists included) replaces what was there.
+
+    cfg = load_config("configs/voc/15-1_icd.yaml", ["optim.lr=0.02", "task.setting=disjoint"])
+
+Every error is a ConfigError whose message starts with the dotted key and says what is
+allowed; where the key came from a file or an override, that source is named too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+BASES_KEY = "bases"
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value that is not allowed; the message names the key."""
+
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key = key
+        self.detail = message
+        where = f" (set in {source})" if source else ""
+        super().__init__(f"{key}: {message}{where}" if key else f"{message}{where}")
+
+
+# --------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Identity and place of a run."""
+
+    # None -> "{dataset}-{task}-{method}-{time}"; re-using a name resumes that run.
+    name: str | None = None
+    # A local folder or a URI pyarrow understands (s3://, gs://).
+    storage_path: str = "runs"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how samples are read and augmented."""
+
+    dataset: Literal["voc", "ade20k", "camvid", "synthetic"] = "voc"
+    train_shards: str | None = None
+    eval_shards: str | None = None
+    # auto = DALI on GPU workers, the faster CPU pipeline on CPU workers.
+    pipeline: Literal["auto", "dali", "torch"] = "auto"
+    crop_size: int = 512
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    hflip: bool = True
+    # Evaluation: resize the shorter side to eval_size, then centre crop eval_size.
+    eval_size: int = 512
+    loader_workers: int = 2
+    # fail = stop at the first bad sample; skip = skip it, count it, report the count.
+    bad_samples: Literal["fail", "skip"] = "fail"
+    # ADE20K: ignore id 0 (as MiB) instead of scoring it as background (PLOP, RCIL).
+    ignore_background: bool = False
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The incremental schedule: a registered name or an explicit list of class-id lists."""
+
+    name: str = "15-1"
+    # Explicit steps, e.g. [[0, 1, 2], [3], [4]]; when given, `name` only labels the run.
+    steps: tuple[tuple[int, ...], ...] | None = None
+    setting: Literal["overlap", "disjoint"] = "overlap"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The segmentation network."""
+
+    backbone: Literal["resnet101", "resnet50", "resnet18", "mobilenet_v3_large"] = "resnet101"
+    output_stride: Literal[8, 16] = 16
+    head_channels: int = 256
+    norm: Literal["batchnorm", "groupnorm"] = "batchnorm"
+    # A file with ImageNet weights (torchvision or in-place-ABN format); never downloaded.
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Which continual-learning method trains the incremental steps."""
+
+    name: Literal["ft", "joint", "mib", "plop", "icd"] = "icd"
+
+
+@dataclass(frozen=True)
+class ICDLossConfig:
+    """ICD internal/external distillation (ICD_METHOD.md); every reconstructed choice is here."""
+
+    lambda_int: float = 1.0
+    lambda_ext: float = 10.0
+    stats: tuple[
+        Literal["mean", "std", "max", "spatial_mean", "spatial_std"], ...
+    ] = ("mean", "std", "max", "spatial_mean", "spatial_std")
+    tau: float = 1.0
+    msca: Literal["fixed", "learned"] = "fixed"
+    msca_kernels: tuple[int, ...] = (7, 11, 21)
+    # PLOP's adaptive factor sqrt(|C_0:t| / |C_t|) on the ICD terms.
+    adaptive_factor: bool = True
+    # auto = triton on CUDA, compiled on CPU.
+    impl: Literal["auto", "triton", "compiled", "eager"] = "auto"
+
+
+@dataclass(frozen=True)
+class PODLossConfig:
+    """PLOP's Local POD and pseudo-labelling."""
+
+    lambda_pod: float = 0.01
+    lambda_pod_logits: float = 0.0005
+    scales: tuple[int, ...] = (1, 2, 4)
+    # Pseudo-label threshold: per-class entropy median, never below this floor.
+    entropy_floor: float = 0.001
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Segmentation and distillation losses of the incremental steps (step 0 is plain CE)."""
+
+    # auto = the method's own choice (ft/joint: ce; mib/icd: unbiased_ce; plop: pseudo_ce).
+    seg: Literal["auto", "ce", "unbiased_ce", "pseudo_ce"] = "auto"
+    # MiB unbiased knowledge distillation on logits; 0 turns it off.
+    lambda_kd: float = 10.0
+    kd_alpha: float = 1.0
+    icd: ICDLossConfig = field(default_factory=ICDLossConfig)
+    pod: PODLossConfig = field(default_factory=PODLossConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation; lr/epochs apply to step 0, the *_incremental ones to later steps."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    lr_incremental: float = 0.001
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    # Global batch: gradient accumulation keeps it whatever the number of workers.
+    batch_size: int = 24
+    epochs: int = 30
+    epochs_incremental: int | None = None  # None = same as epochs
+    # When set, a fixed number of iterations replaces the epoch budget of step 0
+    # (iterations) or of the later steps (iterations_incremental).
+    iterations: int | None = None
+    iterations_incremental: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Distributed execution: Ray Train workers and the per-worker training engine."""
+
+    engine: Literal["deepspeed", "ddp"] = "deepspeed"
+    num_workers: int = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    zero_stage: Literal[0, 1, 2] = 1  # DeepSpeed only; ddp ignores it
+    # auto = bf16 on GPUs that support it, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Ray Train FailureConfig: how many worker-group failures a step survives.
+    max_failures: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation during and after each step."""
+
+    # 0 = only at the end of each step.
+    every_n_epochs: int = 0
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Console and W&B logging (the W&B key is read from the environment only)."""
+
+    # None = WANDB_MODE from the environment, else offline.
+    wandb: Literal["offline", "online", "disabled"] | None = None
+    project: str = "icd_dist"
+    entity: str | None = None
+    log_every: int = 10
+    num_overlays: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration of one run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Value rules beyond the types: key -> (predicate, what is allowed).
+def _positive(v: Any) -> bool:
+    return v is None or v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v is None or v >= 0
+
+
+_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "data.crop_size": (_positive, "a positive integer"),
+    "data.scale_min": (_positive, "a positive number"),
+    "data.scale_max": (_positive, "a positive number"),
+    "data.eval_size": (_positive, "a positive integer"),
+    "data.loader_workers": (_non_negative, "an integer >= 0"),
+    "task.steps": (lambda v: v is None or (len(v) > 0 and all(len(s) > 0 for s in v)),
+                   "a non-empty list of non-empty class-id lists"),
+    "model.head_channels": (_positive, "a positive integer"),
+    "loss.lambda_kd": (_non_negative, "a number >= 0"),
+    "loss.kd_alpha": (_positive, "a positive number"),
+    "loss.icd.lambda_int": (_non_negative, "a number >= 0"),
+    "loss.icd.lambda_ext": (_non_negative, "a number >= 0"),
+    "loss.icd.stats": (lambda v: len(v) > 0 and len(set(v)) == len(v),
+                       "a non-empty list of distinct statistics"),
+    "loss.icd.tau": (_positive, "a positive number"),
+    "loss.icd.msca_kernels": (lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
+                              "a non-empty list of odd positive kernel sizes"),
+    "loss.pod.lambda_pod": (_non_negative, "a number >= 0"),
+    "loss.pod.lambda_pod_logits": (_non_negative, "a number >= 0"),
+    "loss.pod.scales": (lambda v: len(v) > 0 and all(s > 0 for s in v),
+                        "a non-empty list of positive integers"),
+    "loss.pod.entropy_floor": (_non_negative, "a number >= 0"),
+    "optim.lr": (_positive, "a positive number"),
+    "optim.lr_incremental": (_positive, "a positive number"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optim.weight_decay": (_non_negative, "a number >= 0"),
+    "optim.poly_power": (_non_negative, "a number >= 0"),
+    "optim.batch_size": (_positive, "a positive integer"),
+    "optim.epochs": (_positive, "a positive integer"),
+    "optim.epochs_incremental": (_positive, "a positive integer or null"),
+    "optim.iterations": (_positive, "a positive integer or null"),
+    "optim.iterations_incremental": (_positive, "a positive integer or null"),
+    "engine.num_workers": (_positive, "a positive integer"),
+    "engine.cpus_per_worker": (_positive, "a positive number"),
+    "engine.gpus_per_worker": (_positive, "a positive number"),
+    "engine.max_failures": (lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)"),
+    "eval.every_n_epochs": (_non_negative, "an integer >= 0"),
+    "eval.batch_size": (_positive, "a positive integer"),
+    "logging.log_every": (_positive, "a positive integer"),
+    "logging.num_overlays": (_non_negative, "an integer >= 0"),
+}
+
+
+def _cross_checks(cfg: Config) -> None:
+    """Rules that relate several keys."""
+    if cfg.data.scale_min > cfg.data.scale_max:
+        raise ConfigError(
+            "data.scale_min",
+            f"must be <= data.scale_max ({cfg.data.scale_min} > {cfg.data.scale_max})",
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Building typed values from plain data
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any, plural: bool = False) -> str:
+    """How a schema type reads in an error message ("an integer", "a list of integers")."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        values = ", ".join(repr(a) for a in typing.get_args(tp))
+        return f"values among {values}" if plural else f"one of {values}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a, plural) for a in typing.get_args(tp))
+    if origin is tuple:
+        inner = _type_name(typing.get_args(tp)[0], plural=True)
+        return f"lists of {inner}" if plural else f"a list of {inner}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mappings" if plural else "a mapping"
+    names = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+             bool: ("true or false", "booleans"), str: ("a string", "strings")}
+    if tp in names:
+        return names[tp][plural]
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert plain YAML data to `tp`, or raise _Mismatch."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        for allowed in typing.get_args(tp):
+            if value == allowed and type(value) is type(allowed):
+                return value
+        raise _Mismatch
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise _Mismatch
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp) for v in value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported schema type {tp!r}")
+
+
+def _schema_fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key_error(prefix: str, key: str, cls: type, source: str | None) -> ConfigError:
+    allowed = list(_schema_fields(cls))
+    full = f"{prefix}{key}"
+    hint = difflib.get_close_matches(key, allowed, n=1)
+    did_you_mean = f"; did you mean {prefix + hint[0]!r}?" if hint else ""
+    where = f"'{prefix[:-1]}'" if prefix else "the top level"
+    return ConfigError(
+        full, f"unknown key; allowed keys at {where}: {', '.join(allowed)}{did_you_mean}", source
+    )
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, sources: Mapping[str, str]) -> Any:
+    fields = _schema_fields(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown_key_error(prefix, str(key), cls, sources.get(full))
+        tp = fields[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(full, f"expected a mapping of {tp.__name__} keys, got "
+                                  f"{value!r}", sources.get(full))
+            kwargs[key] = _build(tp, value, full + ".", sources)
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp)
+        except _Mismatch:
+            raise ConfigError(
+                full, f"expected {_type_name(tp)}, got {value!r}", sources.get(full)
+            ) from None
+        rule = _RULES.get(full)
+        if rule is not None and not rule[0](kwargs[key]):
+            raise ConfigError(full, f"must be {rule[1]}, got {value!r}", sources.get(full))
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Config:
+    """Build and validate a Config from nested plain data (missing keys take defaults).
+
+    `sources` maps dotted keys to where they were set, for error messages."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"a config must be a mapping, got {type(data).__name__}")
+    cfg = _build(Config, data, "", sources or {})
+    _cross_checks(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as nested plain data (tuples as lists): YAML/JSON-ready, and
+    `config_from_dict(config_to_dict(cfg)) == cfg`."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+# --------------------------------------------------------------------------------------
+# YAML files, composition and overrides
+# --------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any], sources: dict[str, str],
+           source: str, prefix: str = "") -> dict[str, Any]:
+    """Merge `update` into a copy of `base`, recording the source of every leaf it sets."""
+    out = dict(base)
+    for key, value in update.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value, sources, source, full + ".")
+        else:
+            out[key] = value
+            _record_sources(value, full, source, sources)
+    return out
+
+
+def _record_sources(value: Any, key: str, source: str, sources: dict[str, str]) -> None:
+    sources[key] = source
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _record_sources(v, f"{key}.{k}", source, sources)
+
+
+def _compose_file(path: Path, sources: dict[str, str], stack: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError(BASES_KEY, f"config files extend each other in a cycle: {chain}")
+    data = _read_yaml(path)
+    bases = data.pop(BASES_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(BASES_KEY, f"expected a file name or a list of file names, got "
+                          f"{bases!r}", str(path))
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = (path.parent / base)
+        if not base_path.exists():
+            raise ConfigError(BASES_KEY, f"base file {base!r} not found (looked at {base_path})",
+                              str(path))
+        merged = _merge(merged, _compose_file(base_path, sources, (*stack, path)), sources,
+                        str(base_path.resolve()))
+    return _merge(merged, data, sources, str(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split a `dotted.key=value` override; the value is read as YAML (numbers, true/false,
+    null, [lists]); anything else stays a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(
+            "", f"override {text!r} is not of the form key=value (e.g. optim.lr=0.02)"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(key, "empty part in a dotted key")
+    nested: Any = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    return nested
+
+
+def compose(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[dict[str, Any],
+                                                                              dict[str, str]]:
+    """The merged plain data of a config file (with its bases) and overrides, and where
+    every key was set."""
+    sources: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _compose_file(Path(path), sources, ())
+    for text in overrides:
+        key, value = parse_override(text)
+        data = _merge(data, _nest(key, value), sources, f"override {text!r}")
+    return data, sources
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load, compose and validate a config: YAML `path` (None = all defaults) with its bases,
+    then the `key=value` overrides in order."""
+    data, sources = compose(path, overrides)
+    return config_from_dict(data, sources)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back to an equal Config)."""
+    Path(path).write_text(dump_config(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as a YAML document."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def replace(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A new validated Config: `cfg` with `key=value` overrides applied."""
+    data = config_to_dict(cfg)
+    sources: dict[str, str] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        data = _merge(data, _nest(key, value), sources, f"override {text!r}")
+    return config_from_dict(data, sources)

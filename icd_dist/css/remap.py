@@ -1,0 +1,75 @@
+"""Label remapping at step t of a task, as the CSS protocol defines it (DESIGN.md).
+
+- Training labels: the classes new at step t keep their id (their logit index), every other
+  class becomes background 0, 255 stays 255.
+- Test labels: every class seen up to step t keeps its id, unseen classes become 0.
+- `ignore_background` (ADE20K as MiB): the dataset's own id 0 becomes 255 in both.
+
+Each rule is one lookup table of 256 entries over the CSS ids of a uint8 label map; ids the
+dataset does not have are marked -1 and make `apply_lut` raise instead of passing through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from icd_dist.css.classes import IGNORE_INDEX
+from icd_dist.css.tasks import Task
+
+INVALID = -1
+
+
+def _lut(task: Task, keep: Iterable[int], ignore_background: bool) -> np.ndarray:
+    num_classes = task.spec.num_classes
+    lut = np.full(256, INVALID, dtype=np.int16)
+    lut[:num_classes] = 0
+    for c in keep:
+        lut[c] = task.index_of(c)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    if ignore_background:
+        lut[0] = IGNORE_INDEX
+    return lut
+
+
+def train_lut(task: Task, step: int, ignore_background: bool = False) -> np.ndarray:
+    """Lookup table (int16[256]) for training labels at `step`: current classes -> their
+    index, other classes -> 0, 255 -> 255, ids outside the dataset -> -1."""
+    return _lut(task, task.classes_at(step), ignore_background)
+
+
+def eval_lut(task: Task, step: int, ignore_background: bool = False) -> np.ndarray:
+    """Lookup table (int16[256]) for evaluation (test) labels at `step`: seen classes -> their
+    index, unseen classes -> 0, 255 -> 255, ids outside the dataset -> -1."""
+    return _lut(task, task.seen_classes(step), ignore_background)
+
+
+def apply_lut(lut: np.ndarray, labels: np.ndarray | torch.Tensor,
+              source: str = "label map") -> np.ndarray | torch.Tensor:
+    """Remap a label map of CSS ids with `lut`, vectorised.
+
+    numpy in -> uint8 numpy out; torch in -> int64 tensor on the same device (what the
+    losses take). Raises ValueError naming `source` if a label id is outside the dataset."""
+    if isinstance(labels, torch.Tensor):
+        table = torch.as_tensor(lut, device=labels.device).long()
+        if labels.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
+            raise TypeError(f"{source}: labels must be an integer tensor, got {labels.dtype}")
+        if labels.numel() and (labels.min() < 0 or labels.max() > 255):
+            raise ValueError(f"{source}: label ids must lie in 0..255")
+        out = table[labels.long()]
+        if (out == INVALID).any():
+            bad = torch.unique(labels[out == INVALID]).tolist()
+            raise ValueError(f"{source}: label ids {bad} are not classes of this dataset")
+        return out
+    arr = np.asarray(labels)
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(f"{source}: label ids must lie in 0..255")
+        arr = arr.astype(np.uint8)
+    out = lut[arr]
+    if (out == INVALID).any():
+        bad = sorted(int(v) for v in np.unique(arr[out == INVALID]))
+        raise ValueError(f"{source}: label ids {bad} are not classes of this dataset")
+    return out.astype(np.uint8)

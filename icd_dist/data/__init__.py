@@ -1,0 +1,1 @@
+"""Data: raw dataset readers, label files, shards and manifest, input pipelines."""

@@ -1,0 +1,1 @@
+"""Training: engine, teacher sharing, the per-worker step loop, the schedule driver, metrics."""
