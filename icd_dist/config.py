@@ -118,8 +118,6 @@ class ICDLossConfig:
     msca_kernels: tuple[int, ...] = (7, 11, 21)
     # PLOP's adaptive factor sqrt(|C_0:t| / |C_t|) on the ICD terms.
     adaptive_factor: bool = True
-    # auto = triton on CUDA, compiled on CPU.
-    impl: Literal["auto", "triton", "compiled", "eager"] = "auto"
 
 
 @dataclass(frozen=True)

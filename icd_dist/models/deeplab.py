@@ -1,0 +1,70 @@
+"""DeepLabV3 with feature taps and an incremental classifier.
+
+forward(x) returns SegOutput(logits at the input's size, [layer1, layer2, layer3, layer4,
+head]); the head tap is the feature map just before the classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icd_dist.models.backbones import TAP_CHANNELS, build_backbone, norm_factory
+from icd_dist.models.classifier import IncrementalClassifier
+from icd_dist.models.head import DeepLabV3Head
+
+
+@dataclass
+class SegOutput:
+    """Logits (N, classes, H, W) at the input size, and the five feature taps."""
+
+    logits: torch.Tensor
+    features: list[torch.Tensor]
+
+
+class DeepLabV3(nn.Module):
+    """Backbone (4 taps) -> DeepLabV3 head (5th tap) -> incremental classifier."""
+
+    def __init__(self, backbone: str, classes_per_step: Sequence[int], output_stride: int = 16,
+                 head_channels: int = 256, norm: str = "batchnorm"):
+        super().__init__()
+        self.backbone_name = backbone
+        self.backbone = build_backbone(backbone, output_stride, norm)
+        self.head = DeepLabV3Head(TAP_CHANNELS[backbone][-1], head_channels, output_stride,
+                                  norm_factory(norm))
+        self.classifier = IncrementalClassifier(head_channels, classes_per_step)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of logits (classes seen so far)."""
+        return self.classifier.num_classes
+
+    def add_step(self, num_new_classes: int, mib_init: bool = True) -> None:
+        """Extend the classifier for a new step (MiB's initialisation by default)."""
+        self.classifier.add_step(num_new_classes, mib_init)
+
+    def forward(self, x: torch.Tensor, upsample: bool = True) -> SegOutput:
+        """Logits (upsampled bilinearly to x's size unless `upsample` is False) and taps."""
+        taps = self.backbone(x)
+        head = self.head(taps[-1])
+        logits = self.classifier(head)
+        if upsample:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+        return SegOutput(logits, [*taps, head])
+
+
+def build_model(model_cfg, classes_per_step: Sequence[int]) -> DeepLabV3:
+    """A DeepLabV3 from a ModelConfig, with a classifier head per entry of classes_per_step;
+    loads model_cfg.pretrained into the backbone when given."""
+    from icd_dist.models.pretrained import load_pretrained_backbone
+
+    model = DeepLabV3(model_cfg.backbone, classes_per_step, model_cfg.output_stride,
+                      model_cfg.head_channels, model_cfg.norm)
+    if model_cfg.pretrained:
+        load_pretrained_backbone(model.backbone, model_cfg.pretrained, model_cfg.backbone)
+    return model
