@@ -58,6 +58,12 @@ class DeepLabV3(nn.Module):
         return SegOutput(logits, [*taps, head])
 
 
+def to_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """The model with every BatchNorm replaced by SyncBatchNorm (for data-parallel training on
+    GPUs, where per-GPU batches are small); GroupNorm models are returned unchanged."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def build_model(model_cfg, classes_per_step: Sequence[int]) -> DeepLabV3:
     """A DeepLabV3 from a ModelConfig, with a classifier head per entry of classes_per_step;
     loads model_cfg.pretrained into the backbone when given."""

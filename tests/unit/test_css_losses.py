@@ -184,3 +184,27 @@ def test_pseudo_label_by_hand():
     loss = css.pseudo_label_cross_entropy(logits, out, weight)
     ce = F.cross_entropy(logits, out, ignore_index=255, reduction="none")
     assert loss.item() == pytest.approx((0.5 * ce).mean().item(), rel=1e-5)
+
+
+def test_entropy_histogram_all_reduce_over_two_gloo_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_histogram_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    counts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert torch.equal(counts[0], counts[1])
+    assert counts[0][0, 0].item() == 1 and counts[0][1, 0].item() == 1
+
+
+def _histogram_worker(rank, folder):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
+                            world_size=2)
+    hist = css.EntropyHistogram(2, bins=10)
+    # rank 0 sees a confident class-0 pixel, rank 1 a confident class-1 pixel
+    logits = torch.tensor([[[[10.0]], [[0.0]]]]) if rank == 0 else \
+        torch.tensor([[[[0.0]], [[10.0]]]])
+    hist.update(logits, torch.zeros(1, 1, 1, dtype=torch.long))
+    hist.all_reduce()
+    torch.save(hist.counts, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()

@@ -15,6 +15,7 @@ from icd_dist.models import (
     build_model,
     load_pretrained_backbone,
     make_teacher,
+    to_sync_batchnorm,
 )
 from icd_dist.models.backbones import build_backbone
 
@@ -186,3 +187,12 @@ def test_resnet18_forward_backward_with_icd_loss_on_cpu():
     grads = [p.grad for p in student.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert student.backbone.layer1[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_sync_batchnorm_conversion_keeps_weights():
+    model = DeepLabV3("resnet18", [3], head_channels=8)
+    synced = to_sync_batchnorm(model)
+    kinds = {type(m) for m in synced.modules()}
+    assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
+    gn = to_sync_batchnorm(DeepLabV3("resnet18", [3], head_channels=8, norm="groupnorm"))
+    assert nn.SyncBatchNorm not in {type(m) for m in gn.modules()}
