@@ -109,6 +109,19 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+def generic_spec(name: str, num_classes: int,
+                 class_names: tuple[str, ...] | None = None) -> DatasetSpec:
+    """A dataset whose label files already hold CSS ids 0..num_classes-1 (and 255): the
+    synthetic data and user-supplied pairs. Names default to background, class_1, ..."""
+    if not 2 <= num_classes <= 255:
+        raise ConfigError("num_classes", f"must be in 2..255 (background included), got "
+                          f"{num_classes}")
+    names = class_names or ("background", *(f"class_{i}" for i in range(1, num_classes)))
+    if len(names) != num_classes:
+        raise ConfigError("class_names", f"{len(names)} names for {num_classes} classes")
+    return DatasetSpec(name, tuple(names), _identity_lut(num_classes))
+
+
 def get_dataset(name: str) -> DatasetSpec:
     """The DatasetSpec registered under `name`; raises ConfigError listing the known names."""
     try:

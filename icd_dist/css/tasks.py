@@ -13,8 +13,9 @@ logit indices for any order.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from icd_dist.config import Config, ConfigError
@@ -38,16 +39,16 @@ class Task:
     name: str
     steps: tuple[tuple[int, ...], ...]
     setting: str = "overlap"
+    spec: DatasetSpec = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            object.__setattr__(self, "spec", get_dataset(self.dataset))
 
     @property
     def num_steps(self) -> int:
         """Number of steps T."""
         return len(self.steps)
-
-    @property
-    def spec(self) -> DatasetSpec:
-        """The dataset's class names and id mapping."""
-        return get_dataset(self.dataset)
 
     def classes_at(self, step: int) -> tuple[int, ...]:
         """C_t: the class ids new at `step`."""
@@ -97,7 +98,6 @@ class Task:
 
 def known_tasks(dataset: str) -> tuple[str, ...]:
     """The task names registered for `dataset` (offline included)."""
-    get_dataset(dataset)
     return (*REGISTERED_TASKS.get(dataset, ()), OFFLINE)
 
 
@@ -110,10 +110,18 @@ def _a_b_steps(first: int, increment: int, num_classes: int) -> tuple[tuple[int,
     return tuple(steps)
 
 
-def _registered_steps(dataset: str, name: str) -> tuple[tuple[int, ...], ...]:
-    num_classes = get_dataset(dataset).num_classes
+def _registered_steps(spec: DatasetSpec, name: str) -> tuple[tuple[int, ...], ...]:
+    dataset, num_classes = spec.name, spec.num_classes
     if name == OFFLINE:
         return (tuple(range(num_classes)),)
+    if dataset not in REGISTERED_TASKS:
+        # datasets without a protocol (synthetic, user pairs): any "A-B" that fits
+        m = re.fullmatch(r"(\d+)-(\d+)", name)
+        if m and 0 < int(m.group(1)) < num_classes - 1 and int(m.group(2)) > 0:
+            return _a_b_steps(int(m.group(1)), int(m.group(2)), num_classes)
+        raise ConfigError("task.name", f"task {name!r} does not fit dataset {dataset!r} with "
+                          f"{num_classes} classes; use A-B with 0 < A < {num_classes - 1}, "
+                          "offline, or an explicit list of class-id lists")
     if name not in REGISTERED_TASKS.get(dataset, ()):
         raise ConfigError(
             "task.name",
@@ -148,11 +156,12 @@ def validate_steps(steps: Sequence[Sequence[int]], num_classes: int,
     return tuple(out)
 
 
-def get_task(dataset: str, task: str | Sequence[Sequence[int]],
+def get_task(dataset: str | DatasetSpec, task: str | Sequence[Sequence[int]],
              setting: str = "overlap") -> Task:
     """The Task for a registered name, an explicit list of class-id lists, or such a list
-    written as JSON text (as on the command line)."""
-    spec = get_dataset(dataset)
+    written as JSON text (as on the command line). `dataset` is a registered name or the
+    DatasetSpec of another dataset (synthetic, pairs; any "A-B" name fits those)."""
+    spec = dataset if isinstance(dataset, DatasetSpec) else get_dataset(dataset)
     if setting not in SETTINGS:
         raise ConfigError("task.setting", f"unknown setting {setting!r}; allowed: "
                           f"{', '.join(SETTINGS)}")
@@ -164,19 +173,21 @@ def get_task(dataset: str, task: str | Sequence[Sequence[int]],
                 "task", f"{task!r} is not a valid JSON list of lists: {exc}"
             ) from None
     if isinstance(task, str):
-        return Task(dataset, task, _registered_steps(dataset, task), setting)
+        return Task(spec.name, task, _registered_steps(spec, task), setting, spec)
     steps = validate_steps(task, spec.num_classes)
     name = "-".join(str(len(s)) for s in steps)
-    return Task(dataset, f"custom[{name}]", steps, setting)
+    return Task(spec.name, f"custom[{name}]", steps, setting, spec)
 
 
-def task_from_config(cfg: Config) -> Task:
-    """The Task that a config's `data.dataset` and `task.*` keys describe."""
-    if cfg.data.dataset not in REGISTERED_TASKS:
-        # Datasets without a class table (synthetic) are handled by the data package.
-        raise ConfigError("data.dataset", f"no task registry for {cfg.data.dataset!r}; "
-                          f"known: {', '.join(sorted(REGISTERED_TASKS))}")
+def task_from_config(cfg: Config, spec: DatasetSpec | None = None) -> Task:
+    """The Task that a config's `data.dataset` and `task.*` keys describe. Datasets without a
+    registry (synthetic) need their DatasetSpec, which their shard manifest provides."""
+    if spec is None:
+        if cfg.data.dataset not in REGISTERED_TASKS:
+            raise ConfigError("data.dataset", f"{cfg.data.dataset!r} has no fixed class list: "
+                              "its classes come from its shard manifest")
+        spec = get_dataset(cfg.data.dataset)
     if cfg.task.steps is not None:
-        task = get_task(cfg.data.dataset, [list(s) for s in cfg.task.steps], cfg.task.setting)
-        return Task(task.dataset, cfg.task.name, task.steps, task.setting)
-    return get_task(cfg.data.dataset, cfg.task.name, cfg.task.setting)
+        task = get_task(spec, [list(s) for s in cfg.task.steps], cfg.task.setting)
+        return Task(task.dataset, cfg.task.name, task.steps, task.setting, spec)
+    return get_task(spec, cfg.task.name, cfg.task.setting)

@@ -52,11 +52,15 @@ def read_label_ids(path: str | Path) -> np.ndarray:
     )
 
 
+def ids_present(ids: np.ndarray) -> list[int]:
+    """Sorted distinct values of a uint8 map."""
+    return np.flatnonzero(np.bincount(ids.ravel(), minlength=256)).tolist()
+
+
 def classes_present(raw_ids: np.ndarray, spec: DatasetSpec, source: str = "label map") -> list[int]:
     """Sorted CSS class ids present in a raw label map (255 included when present), after
     the dataset's own id mapping; raises ValueError naming `source` for unknown ids."""
-    counts = np.bincount(raw_ids.ravel(), minlength=256)
-    raw_present = np.flatnonzero(counts)
+    raw_present = np.asarray(ids_present(raw_ids), dtype=np.int64)
     lut = spec.raw_lut()
     mapped = lut[raw_present]
     if (mapped < 0).any():

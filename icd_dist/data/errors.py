@@ -1,0 +1,19 @@
+"""Errors about input data; every message names the shard and the sample."""
+
+from __future__ import annotations
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used: corrupt image or label, ids out of range, size mismatch,
+    missing member, truncated shard or checksum mismatch."""
+
+    def __init__(self, reason: str, key: str | None = None, shard: str | None = None):
+        self.reason = reason
+        self.key = key
+        self.shard = shard
+        where = []
+        if shard:
+            where.append(f"shard {shard}")
+        if key:
+            where.append(f"sample {key!r}")
+        super().__init__(f"{', '.join(where)}: {reason}" if where else reason)

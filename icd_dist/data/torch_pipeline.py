@@ -1,0 +1,167 @@
+"""The torch input pipeline: random access into the shards by the manifest's offsets, decoded
+with torchvision.io, in a DataLoader with worker processes.
+
+Random access (rather than streaming the tars) gives exact epoch semantics: the step's
+selected keys are permuted with (seed, epoch), split across ranks as DistributedSampler does,
+and every loader worker reads whichever samples it is handed; each sample's augmentation is
+seeded by (seed, epoch, sample index), so results do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from icd_dist.css.remap import apply_lut
+from icd_dist.data.errors import BadSampleError
+from icd_dist.data.manifest import load_manifest
+from icd_dist.data.sample_io import decode_sample, read_member
+from icd_dist.data.transforms import eval_transform, normalize, train_transform
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training or evaluation transform settings."""
+
+    train: bool
+    crop_size: int = 512
+    scale: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    eval_size: int | None = 512  # None: no resize or crop (raw decode)
+
+
+class ShardDataset(Dataset):
+    """The selected samples of a shard folder; items are (image float (3, h, w), label int64
+    (h, w)) with `lut` applied, or None for a bad sample when bad_samples == "skip"."""
+
+    def __init__(self, shard_dir: str | Path, keys: Sequence[str] | None, lut: np.ndarray | None,
+                 augment: AugmentConfig, seed: int = 0, bad_samples: str = "fail"):
+        if bad_samples not in ("fail", "skip"):
+            raise ValueError(f"bad_samples must be 'fail' or 'skip', got {bad_samples!r}")
+        self.shard_dir = Path(shard_dir)
+        manifest = load_manifest(self.shard_dir)
+        self.num_classes = manifest.num_classes
+        if keys is None:
+            self.records = list(manifest.samples)
+        else:
+            wanted = set(keys)
+            self.records = [r for r in manifest.samples if r.key in wanted]
+            if len(self.records) != len(wanted):
+                known = {r.key for r in self.records}
+                missing = sorted(wanted - known)
+                raise KeyError(f"{len(missing)} selected keys are not in {self.shard_dir}, "
+                               f"e.g. {missing[:3]}")
+        self.lut = lut
+        self.augment = augment
+        self.seed = seed
+        self.bad_samples = bad_samples
+        self.epoch = 0
+        self._files: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation randomness of an epoch (call before iterating)."""
+        self.epoch = epoch
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_files"] = {}  # open files stay in the process that opened them
+        return state
+
+    def _file(self, shard: str):
+        f = self._files.get(shard)
+        if f is None:
+            path = self.shard_dir / shard
+            if not path.is_file():
+                raise BadSampleError("shard file is missing", shard=shard)
+            f = self._files[shard] = open(path, "rb")  # noqa: SIM115 - cached per worker
+        return f
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded (image uint8 (3, H, W), label uint8 (H, W)) of sample `index`, unaugmented."""
+        rec = self.records[index]
+        f = self._file(rec.shard)
+        jpg = read_member(f, *rec.image, rec.shard, rec.key, "image")
+        png = read_member(f, *rec.label, rec.shard, rec.key, "label")
+        return decode_sample(jpg, png, rec, self.num_classes)
+
+    def __getitem__(self, index: int):
+        try:
+            image, label = self.load(index)
+        except BadSampleError:
+            if self.bad_samples == "fail":
+                raise
+            return None
+        a = self.augment
+        if a.train:
+            g = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+            image, label = train_transform(image, label, a.crop_size, g, a.scale, a.hflip)
+        elif a.eval_size is not None:
+            image, label = eval_transform(image, label, a.eval_size)
+        else:
+            image = normalize(image)
+        if self.lut is not None:
+            label = apply_lut(self.lut, label, source=self.records[index].key)
+        else:
+            label = label.long()
+        return image, label
+
+
+@dataclass
+class Batch:
+    """A batch: images (N, 3, h, w) float32, labels (N, h, w) int64, bad samples skipped."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: int
+
+
+def collate_skipping_bad(items: list) -> Batch:
+    """Stack the good items of a batch and count the bad ones (None)."""
+    good = [it for it in items if it is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        return Batch(torch.empty(0, 3, 0, 0), torch.empty(0, 0, 0, dtype=torch.long), skipped)
+    return Batch(torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), skipped)
+
+
+class ContiguousShardSampler(Sampler[int]):
+    """Rank r of w takes indices r, r + w, ...: every sample exactly once over all ranks,
+    no padding (for evaluation, where a repeated sample would be counted twice)."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(dataset: ShardDataset, batch_size: int, rank: int = 0, world_size: int = 1,
+                num_workers: int = 2, epoch: int = 0, seed: int = 0,
+                shuffle: bool | None = None) -> DataLoader:
+    """A DataLoader over this rank's part of the dataset for `epoch`. Training (shuffle):
+    a (seed, epoch) permutation split across ranks as DistributedSampler does (the last few
+    indices padded by repetition so every rank gets as many); evaluation: a contiguous split
+    with every sample exactly once."""
+    shuffle = dataset.augment.train if shuffle is None else shuffle
+    dataset.set_epoch(epoch)
+    if shuffle:
+        sampler: Sampler[int] = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                                   shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = ContiguousShardSampler(len(dataset), rank, world_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_skipping_bad, drop_last=False,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())

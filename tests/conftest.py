@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny made-up datasets in the raw layouts, and the CamVid data when present."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CAMVID = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "camvid"
+
+
+def camvid_root() -> Path:
+    """../shared/data/camvid, or skip the test with the reason."""
+    root = CAMVID.resolve()
+    if not (root / "train.txt").is_file():
+        pytest.skip(f"CamVid data not found at {root} (it ships beside the project in CI; "
+                    "a fresh clone without ../shared skips this test)")
+    return root
+
+
+def write_jpeg(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path, "JPEG", quality=95)
+
+
+def write_label(path: Path, ids: np.ndarray, palette: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(ids.astype(np.uint8), mode="P" if palette else "L")
+    if palette:
+        pal = []
+        for i in range(256):  # colours unrelated to the indices
+            pal += [(i * 37) % 256, (i * 91) % 256, (i * 53) % 256]
+        img.putpalette(pal)
+    img.save(path)
+
+
+def block_label(class_ids: list[int], height: int = 48, width: int = 64) -> np.ndarray:
+    """Vertical bands, one per class id (the first id also fills the rest)."""
+    lab = np.full((height, width), class_ids[0], dtype=np.uint8)
+    band = width // max(1, len(class_ids))
+    for k, c in enumerate(class_ids):
+        lab[:, k * band:(k + 1) * band] = c
+    return lab
+
+
+def image_for(label: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    lab = label.astype(np.int64)
+    img = np.stack([lab * 9 % 256, lab * 5 % 256, np.full_like(lab, 100)], -1)
+    return np.clip(img + rng.integers(0, 20, img.shape), 0, 255).astype(np.uint8)
+
+
+# VOC 15-1 style class sets for the made-up folders.
+VOC_SAMPLES = {
+    "2007_000001": [0, 1, 2], "2007_000002": [0, 5, 16, 255], "2007_000003": [0, 17],
+    "2007_000004": [0, 16, 17], "2007_000005": [0, 3, 20], "2008_000006": [15, 19],
+}
+ADE_SAMPLES = {
+    "ADE_train_00000001": [0, 1, 50], "ADE_train_00000002": [0, 101, 120],
+    "ADE_train_00000003": [2, 3, 150], "ADE_train_00000004": [0, 140],
+}
+
+
+@pytest.fixture
+def voc_root(tmp_path) -> Path:
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    lines = []
+    for i, (key, classes) in enumerate(VOC_SAMPLES.items()):
+        lab = block_label(classes)
+        write_jpeg(root / "JPEGImages" / f"{key}.jpg", image_for(lab, i))
+        write_label(root / "SegmentationClassAug" / f"{key}.png", lab, palette=True)
+        lines.append(f"/JPEGImages/{key}.jpg /SegmentationClassAug/{key}.png")
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def ade_root(tmp_path) -> Path:
+    root = tmp_path / "ADEChallengeData2016"
+    for i, (key, classes) in enumerate(ADE_SAMPLES.items()):
+        lab = block_label(classes)
+        write_jpeg(root / "images" / "training" / f"{key}.jpg", image_for(lab, i))
+        write_label(root / "annotations" / "training" / f"{key}.png", lab)
+    return root

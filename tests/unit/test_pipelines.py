@@ -1,0 +1,195 @@
+"""The DALI (CPU operators) and torch pipelines on the same shards: the same outputs with
+augmentation off; aligned image and mask, and only source ids, with augmentation on."""
+
+import numpy as np
+import pytest
+import torch
+
+from icd_dist.config import load_config
+from icd_dist.css import get_dataset, get_task, train_lut
+from icd_dist.css.classes import generic_spec
+from icd_dist.data.dali_pipeline import DaliLoader, DaliOptions
+from icd_dist.data.inspect import selected_keys
+from icd_dist.data.manifest import load_manifest, write_step_index
+from icd_dist.data.pipeline import StepLoader, resolve_pipeline
+from icd_dist.data.readers import RawSample, list_samples
+from icd_dist.data.shard_writer import build_shards
+from icd_dist.data.torch_pipeline import AugmentConfig, ShardDataset, make_loader
+from icd_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tests.conftest import write_jpeg, write_label
+
+CLASS_RED = 40  # aligned-sample image: red channel = 40 * class id
+
+
+@pytest.fixture
+def voc_shards(voc_root, tmp_path):
+    out = tmp_path / "voc"
+    build_shards(list_samples("voc", voc_root, "train_aug"), get_dataset("voc"), out,
+                 "train_aug", shard_size="5KB", progress=False)
+    return out
+
+
+@pytest.fixture
+def aligned_shards(tmp_path):
+    """Samples whose mask is computable from the image: big blocks of class c have red
+    channel 40 * c; green/blue constant."""
+    samples = []
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        lab = np.zeros((96, 128), dtype=np.uint8)
+        for _ in range(4):
+            c = int(rng.integers(1, 6))
+            y, x = int(rng.integers(0, 60)), int(rng.integers(0, 90))
+            lab[y:y + 36, x:x + 38] = c
+        img = np.stack([lab.astype(np.int64) * CLASS_RED, np.full(lab.shape, 60),
+                        np.full(lab.shape, 60)], -1).astype(np.uint8)
+        key = f"aligned_{i}"
+        write_jpeg(tmp_path / "raw" / f"{key}.jpg", img)
+        write_label(tmp_path / "raw" / f"{key}.png", lab)
+        samples.append(RawSample(key, tmp_path / "raw" / f"{key}.jpg",
+                                 tmp_path / "raw" / f"{key}.png"))
+    out = tmp_path / "aligned"
+    build_shards(samples, generic_spec("pairs", 6), out, "train", progress=False)
+    return out
+
+
+def dali_batches(shard_dir, keys, options, lut=None, rank=0, world=1, index="idx"):
+    manifest = load_manifest(shard_dir)
+    tars, idx = write_step_index(manifest, shard_dir, keys, shard_dir / index)
+    return list(DaliLoader(tars, idx, options, lut, rank, world))
+
+
+def torch_batches(shard_dir, keys, augment, lut=None, epoch=0, rank=0, world=1, seed=0):
+    ds = ShardDataset(shard_dir, keys, lut, augment, seed=seed)
+    return list(make_loader(ds, 4, rank, world, num_workers=0, epoch=epoch, seed=seed))
+
+
+def test_augmentation_off_same_outputs(voc_shards):
+    keys = [s.key for s in load_manifest(voc_shards).samples]
+    lut = train_lut(get_task("voc", "15-1"), 1)
+    dali = dali_batches(voc_shards, keys, DaliOptions(batch_size=4, train=False,
+                                                      eval_size=None), lut)
+    torch_ = torch_batches(voc_shards, keys, AugmentConfig(train=False, eval_size=None), lut)
+    d_img = torch.cat([b[0] for b in dali])
+    d_lab = torch.cat([b[1] for b in dali])
+    t_img = torch.cat([b.images for b in torch_])
+    t_lab = torch.cat([b.labels for b in torch_])
+    assert d_lab.dtype == t_lab.dtype == torch.int64
+    assert torch.equal(d_lab, t_lab)  # identical labels, the step's remapping applied
+    assert set(t_lab.unique().tolist()) <= {0, 16, 255}
+    # JPEG decoders may differ by a grey level or two (1/0.225/255 per level after norm)
+    assert (d_img - t_img).abs().max().item() < 3 / (0.225 * 255)
+    assert d_img.shape == t_img.shape == (6, 3, 48, 64)
+
+
+def test_eval_transform_same_geometry(voc_shards):
+    keys = [s.key for s in load_manifest(voc_shards).samples]
+    dali = dali_batches(voc_shards, keys, DaliOptions(batch_size=6, train=False, eval_size=32))
+    torch_ = torch_batches(voc_shards, keys, AugmentConfig(train=False, eval_size=32))
+    d_lab, t_lab = dali[0][1], torch.cat([b.labels for b in torch_])
+    assert d_lab.shape == t_lab.shape == (6, 32, 32)
+    # same crop and nearest-neighbour rule; ties at exact pixel-centre halves may round apart
+    assert (d_lab == t_lab).float().mean().item() > 0.97
+
+
+def _check_aligned(images, labels, source_ids):
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+    for img, lab in zip(images, labels, strict=True):
+        assert set(lab.unique().tolist()) <= source_ids | {255}
+        red = (img * std + mean)[0]
+        inside = lab != 255
+        # pixels well inside a block: 3x3 neighbourhood of one class
+        lab_f = lab.float()[None, None]
+        pooled_max = torch.nn.functional.max_pool2d(lab_f, 3, 1, 1)[0, 0]
+        pooled_min = -torch.nn.functional.max_pool2d(-lab_f, 3, 1, 1)[0, 0]
+        interior = inside & (pooled_max == pooled_min)
+        predicted = torch.round(red / CLASS_RED)
+        agree = (predicted[interior] == lab[interior].float()).float().mean().item()
+        assert agree > 0.98, agree
+        padded = lab == 255
+        if padded.any():  # padding: black image under ignored mask
+            assert red[padded].abs().max().item() < 20
+
+
+@pytest.mark.parametrize("pipeline", ["torch", "dali"])
+def test_augmentation_on_keeps_image_and_mask_aligned(aligned_shards, pipeline):
+    manifest = load_manifest(aligned_shards)
+    keys = [s.key for s in manifest.samples]
+    source_ids = set().union(*[set(s.classes) for s in manifest.samples])
+    for seed in (0, 1, 2):
+        if pipeline == "torch":
+            batches = torch_batches(aligned_shards, keys, AugmentConfig(
+                train=True, crop_size=64, scale=(0.5, 2.0)), seed=seed)
+            images = torch.cat([b.images for b in batches])
+            labels = torch.cat([b.labels for b in batches])
+        else:
+            batches = dali_batches(aligned_shards, keys, DaliOptions(
+                batch_size=3, train=True, crop_size=64, seed=seed + 1, shuffle_buffer=4),
+                index=f"idx{seed}")
+            images = torch.cat([b[0] for b in batches])
+            labels = torch.cat([b[1] for b in batches])
+        assert images.shape == (6, 3, 64, 64)
+        _check_aligned(images, labels, source_ids)
+
+
+def test_torch_pipeline_epochs_ranks_and_determinism(aligned_shards):
+    keys = [s.key for s in load_manifest(aligned_shards).samples]
+    aug = AugmentConfig(train=True, crop_size=32)
+    a = torch_batches(aligned_shards, keys, aug, epoch=0, seed=5)
+    b = torch_batches(aligned_shards, keys, aug, epoch=0, seed=5)
+    c = torch_batches(aligned_shards, keys, aug, epoch=1, seed=5)
+    assert all(torch.equal(x.images, y.images) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0].images, c[0].images)
+    # two ranks see disjoint halves of the epoch
+    ds = ShardDataset(aligned_shards, keys, None, AugmentConfig(train=False, eval_size=None))
+    seen = []
+    for rank in (0, 1):
+        sampler = make_loader(ds, 2, rank, 2, num_workers=0, shuffle=True).sampler
+        seen.append(list(sampler))
+    assert sorted(seen[0] + seen[1]) == list(range(6))
+    # evaluation split: every sample exactly once, no padding
+    ev = [list(make_loader(ds, 2, r, 4, num_workers=0).sampler) for r in range(4)]
+    assert sorted(i for part in ev for i in part) == list(range(6))
+
+
+def test_dali_shards_by_rank(aligned_shards):
+    keys = [s.key for s in load_manifest(aligned_shards).samples]
+    counts = []
+    for rank in (0, 1):
+        batches = dali_batches(aligned_shards, keys, DaliOptions(batch_size=2, train=False,
+                                                                 eval_size=None),
+                               rank=rank, world=2, index=f"r{rank}")
+        counts.append(sum(b[0].shape[0] for b in batches))
+    assert sum(counts) == 6 and counts[0] == counts[1]
+
+
+def test_torch_loader_workers_give_same_batches(aligned_shards):
+    keys = [s.key for s in load_manifest(aligned_shards).samples]
+    ds = ShardDataset(aligned_shards, keys, None, AugmentConfig(train=True, crop_size=32),
+                      seed=3)
+    one = [b.images for b in make_loader(ds, 3, num_workers=0, epoch=2, seed=3)]
+    two = [b.images for b in make_loader(ds, 3, num_workers=2, epoch=2, seed=3)]
+    assert all(torch.equal(x, y) for x, y in zip(one, two, strict=True))
+
+
+def test_step_loader_and_pipeline_choice(voc_shards):
+    cfg = load_config(None, ["data.crop_size=32", "data.pipeline=auto"])
+    assert resolve_pipeline(cfg.data, on_gpu=False) == "torch"
+    assert resolve_pipeline(cfg.data, on_gpu=True) == "dali"
+    skip = load_config(None, ["data.bad_samples=skip"]).data
+    assert resolve_pipeline(skip, on_gpu=True) == "torch"
+    with pytest.raises(Exception, match="data.pipeline"):
+        resolve_pipeline(load_config(None, ["data.bad_samples=skip", "data.pipeline=dali"])
+                         .data, on_gpu=False)
+    task = get_task("voc", "15-1")
+    keys = selected_keys(load_manifest(voc_shards), task, 0)
+    for kind in ("torch", "dali"):
+        data = load_config(None, ["data.crop_size=32", f"data.pipeline={kind}",
+                                  "data.loader_workers=0"]).data
+        loader = StepLoader(data, voc_shards, keys, train_lut(task, 0), train=True,
+                            batch_size=2, index_dir=voc_shards / f"idx_{kind}")
+        assert loader.kind == kind
+        batches = list(loader)
+        assert sum(b.images.shape[0] for b in batches) == len(keys)
+        assert all(b.labels.max() <= 255 for b in batches)
