@@ -36,7 +36,7 @@ class AugmentConfig:
 
 
 class ShardDataset(Dataset):
-    """The selected samples of a shard folder; items are (image float (3, h, w), label int64
+    """The selected samples of a shard folder; items are (image uint8 (3, h, w), label int64
     (h, w)) with `lut` applied, or None for a bad sample when bad_samples == "skip"."""
 
     def __init__(self, shard_dir: str | Path, keys: Sequence[str] | None, lut: np.ndarray | None,
@@ -106,8 +106,6 @@ class ShardDataset(Dataset):
             image, label = train_transform(image, label, a.crop_size, g, a.scale, a.hflip)
         elif a.eval_size is not None:
             image, label = eval_transform(image, label, a.eval_size)
-        else:
-            image = normalize(image)
         if self.lut is not None:
             label = apply_lut(self.lut, label, source=self.records[index].key)
         else:
@@ -125,12 +123,29 @@ class Batch:
 
 
 def collate_skipping_bad(items: list) -> Batch:
-    """Stack the good items of a batch and count the bad ones (None)."""
+    """Stack the good items of a batch (images stay uint8) and count the bad ones (None)."""
     good = [it for it in items if it is not None]
     skipped = len(items) - len(good)
     if not good:
-        return Batch(torch.empty(0, 3, 0, 0), torch.empty(0, 0, 0, dtype=torch.long), skipped)
+        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+                     torch.empty(0, 0, 0, dtype=torch.long), skipped)
     return Batch(torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), skipped)
+
+
+class NormalizingLoader:
+    """A DataLoader whose uint8 batches are normalised in the iterating process (workers move
+    4x fewer bytes); yields Batch with float32 images."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.sampler = loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield Batch(normalize(batch.images), batch.labels, batch.skipped)
 
 
 class ContiguousShardSampler(Sampler[int]):
@@ -149,7 +164,7 @@ class ContiguousShardSampler(Sampler[int]):
 
 def make_loader(dataset: ShardDataset, batch_size: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 2, epoch: int = 0, seed: int = 0,
-                shuffle: bool | None = None) -> DataLoader:
+                shuffle: bool | None = None) -> NormalizingLoader:
     """A DataLoader over this rank's part of the dataset for `epoch`. Training (shuffle):
     a (seed, epoch) permutation split across ranks as DistributedSampler does (the last few
     indices padded by repetition so every rank gets as many); evaluation: a contiguous split
@@ -162,6 +177,7 @@ def make_loader(dataset: ShardDataset, batch_size: int, rank: int = 0, world_siz
         sampler.set_epoch(epoch)
     else:
         sampler = ContiguousShardSampler(len(dataset), rank, world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_skipping_bad, drop_last=False,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return NormalizingLoader(DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        collate_fn=collate_skipping_bad, drop_last=False, persistent_workers=False,
+        pin_memory=torch.cuda.is_available()))

@@ -5,7 +5,8 @@ Training: RandomResizedCrop(crop, scale, ratio) where scale is the crop box's ar
 to the image's (0.5-2.0: a box larger than the image is allowed and padded: image with 0,
 mask with 255), then a horizontal flip with probability 0.5; bilinear for the image, nearest
 for the mask. Evaluation: resize the shorter side to `size`, then centre crop size x size.
-Images come out as float32 normalised with the ImageNet mean/std, NCHW; masks as uint8.
+Both transforms return uint8 images and masks; `normalize` (float32, ImageNet mean/std) is
+applied to whole batches by the loader, in the main process, so that workers move uint8.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def crop_padded(x: torch.Tensor, top: int, left: int, height: int, width: int,
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a float (C, H, W) image (antialiased when shrinking)."""
+    """Bilinear resize of a (C, H, W) image, antialiased when shrinking; uint8 stays uint8
+    (torch's vectorised uint8 path, the fast one on CPU)."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
@@ -80,30 +82,30 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of a uint8 (H, W) mask (never invents ids)."""
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask
-    return F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(
-        mask.dtype)
+    return F.interpolate(mask[None, None], size=size, mode="nearest-exact")[0, 0]
 
 
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """uint8 or [0, 255] float (3, H, W) -> float32 normalised with the ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
-    return (image.float() - mean) / std
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 normalised with the ImageNet mean/std (on the images'
+    device)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1) * 255
+    return (images.float() - mean) / std
 
 
 def train_transform(image: torch.Tensor, mask: torch.Tensor, crop: int,
                     generator: torch.Generator, scale: tuple[float, float] = (0.5, 2.0),
                     hflip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Random resized crop + flip, identical for image (3, H, W) uint8 and mask (H, W) uint8;
-    returns (normalised float (3, crop, crop), uint8 (crop, crop))."""
+    returns (uint8 (3, crop, crop), uint8 (crop, crop))."""
     p = sample_crop_params(image.shape[-2], image.shape[-1], generator, scale, hflip=hflip)
-    img = crop_padded(image.float(), p.top, p.left, p.height, p.width, 0.0)
+    img = crop_padded(image, p.top, p.left, p.height, p.width, 0)
     msk = crop_padded(mask, p.top, p.left, p.height, p.width, IGNORE_INDEX)
-    img = resize_image(img, (crop, crop)).clamp(0, 255)
+    img = resize_image(img, (crop, crop))
     msk = resize_mask(msk, (crop, crop))
     if p.flip:
         img, msk = img.flip(-1), msk.flip(-1)
-    return normalize(img), msk
+    return img, msk
 
 
 def resized_shorter_side(height: int, width: int, size: int) -> tuple[int, int]:
@@ -116,11 +118,11 @@ def resized_shorter_side(height: int, width: int, size: int) -> tuple[int, int]:
 def eval_transform(image: torch.Tensor, mask: torch.Tensor, size: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize the shorter side to `size` (image bilinear, mask nearest), centre crop
-    size x size; returns (normalised float (3, size, size), uint8 (size, size))."""
+    size x size; returns (uint8 (3, size, size), uint8 (size, size))."""
     new = resized_shorter_side(image.shape[-2], image.shape[-1], size)
-    img = resize_image(image.float(), new).clamp(0, 255)
+    img = resize_image(image, new)
     msk = resize_mask(mask, new)
     top, left = (new[0] - size) // 2, (new[1] - size) // 2
-    img = crop_padded(img, top, left, size, size, 0.0)
+    img = crop_padded(img, top, left, size, size, 0)
     msk = crop_padded(msk, top, left, size, size, IGNORE_INDEX)
-    return normalize(img), msk
+    return img, msk

@@ -3,6 +3,7 @@ selection that `icd_dist.tasks` makes from the label files."""
 
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -145,7 +146,7 @@ def test_step_index_lists_only_selected_samples(voc_root, tmp_path):
     tars, idx = write_step_index(manifest, out, keys, tmp_path / "idx")
     listed = []
     for path in idx:
-        lines = open(path).read().splitlines()
+        lines = Path(path).read_text().splitlines()
         assert lines[0] == f"v1.2 {len(lines) - 1}"
         listed += [line.split()[3].removesuffix(".jpg") for line in lines[1:]]
     assert sorted(listed) == sorted(keys)
