@@ -54,6 +54,19 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class SyntheticDataConfig:
+    """The synthetic dataset that `data.dataset=synthetic` builds on first use (if its shard
+    folders do not exist yet)."""
+
+    num_train: int = 96
+    num_eval: int = 32
+    classes: int = 5
+    height: int = 64
+    width: int = 80
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the shards are and how samples are read and augmented."""
 
@@ -73,6 +86,7 @@ class DataConfig:
     bad_samples: Literal["fail", "skip"] = "fail"
     # ADE20K: ignore id 0 (as MiB) instead of scoring it as background (PLOP, RCIL).
     ignore_background: bool = False
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,8 @@ class ModelConfig:
     norm: Literal["batchnorm", "groupnorm"] = "batchnorm"
     # A file with ImageNet weights (torchvision or in-place-ABN format); never downloaded.
     pretrained: str | None = None
+    # MiB's initialisation of the new classifier heads at steps t > 0.
+    mib_init: bool = True
 
 
 @dataclass(frozen=True)
@@ -171,6 +187,9 @@ class EngineConfig:
 
     engine: Literal["deepspeed", "ddp"] = "deepspeed"
     num_workers: int = 2
+    # Per-worker batch; None = optim.batch_size / num_workers. Gradient accumulation makes up
+    # the rest, so the global batch is optim.batch_size whatever the number of workers.
+    micro_batch_size: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -180,6 +199,8 @@ class EngineConfig:
     teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Ray Train FailureConfig: how many worker-group failures a step survives.
     max_failures: int = 0
+    # Data-loading threads/processes per worker (DALI threads; torch uses data.loader_workers).
+    dali_threads: int = 2
 
 
 @dataclass(frozen=True)
@@ -234,6 +255,11 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.scale_max": (_positive, "a positive number"),
     "data.eval_size": (_positive, "a positive integer"),
     "data.loader_workers": (_non_negative, "an integer >= 0"),
+    "data.synthetic.num_train": (_positive, "a positive integer"),
+    "data.synthetic.num_eval": (_positive, "a positive integer"),
+    "data.synthetic.classes": (lambda v: 2 <= v <= 255, "an integer in 2..255"),
+    "data.synthetic.height": (_positive, "a positive integer"),
+    "data.synthetic.width": (_positive, "a positive integer"),
     "task.steps": (lambda v: v is None or (len(v) > 0 and all(len(s) > 0 for s in v)),
                    "a non-empty list of non-empty class-id lists"),
     "model.head_channels": (_positive, "a positive integer"),
@@ -262,6 +288,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.iterations": (_positive, "a positive integer or null"),
     "optim.iterations_incremental": (_positive, "a positive integer or null"),
     "engine.num_workers": (_positive, "a positive integer"),
+    "engine.micro_batch_size": (_positive, "a positive integer or null"),
+    "engine.dali_threads": (_positive, "a positive integer"),
     "engine.cpus_per_worker": (_positive, "a positive number"),
     "engine.gpus_per_worker": (_positive, "a positive number"),
     "engine.max_failures": (lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)"),
@@ -272,8 +300,21 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 }
 
 
+def micro_batch_and_accumulation(cfg: Config) -> tuple[int, int]:
+    """(per-worker micro-batch, gradient-accumulation steps) that make the global batch
+    optim.batch_size with engine.num_workers workers."""
+    batch, workers = cfg.optim.batch_size, cfg.engine.num_workers
+    micro = cfg.engine.micro_batch_size or max(1, batch // workers)
+    if batch % (micro * workers):
+        raise ConfigError(
+            "optim.batch_size", f"{batch} is not a multiple of engine.num_workers ({workers}) x "
+            f"engine.micro_batch_size ({micro}); choose values whose product divides it")
+    return micro, batch // (micro * workers)
+
+
 def _cross_checks(cfg: Config) -> None:
     """Rules that relate several keys."""
+    micro_batch_and_accumulation(cfg)
     if cfg.data.scale_min > cfg.data.scale_max:
         raise ConfigError(
             "data.scale_min",

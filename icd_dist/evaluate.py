@@ -1,0 +1,94 @@
+"""`python -m icd_dist.evaluate`: evaluate a step's model of a run on any shards, with the
+step's seen classes and the same metrics as training.
+
+    python -m icd_dist.evaluate --run runs/demo [--step K] --data data/demo/val [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from icd_dist.config import ConfigError, load_config
+from icd_dist.css.remap import eval_lut
+from icd_dist.css.tasks import task_from_config
+from icd_dist.data.inspect import manifest_spec
+from icd_dist.data.manifest import load_manifest
+from icd_dist.data.torch_pipeline import AugmentConfig, ShardDataset, make_loader
+from icd_dist.models.deeplab import DeepLabV3
+from icd_dist.train.metrics import format_per_class_table, step_metrics
+from icd_dist.train.step_worker import DONE, evaluate
+from icd_dist.train.storage import Storage
+
+
+def last_complete_step(storage: Storage, num_steps: int) -> int:
+    """The highest step with a DONE marker; FileNotFoundError if none."""
+    for step in reversed(range(num_steps)):
+        if storage.exists(f"step_{step}/{DONE}"):
+            return step
+    raise FileNotFoundError(f"no complete step in {storage.uri()}")
+
+
+def evaluate_run(run: str, data: str, step: int | None = None, batch_size: int = 8,
+                 workers: int = 0) -> dict:
+    """Metrics of step `step` (default: the last complete one) of run folder/URI `run` on the
+    shards in `data`."""
+    storage = Storage(run)
+    if not storage.exists("config.yaml"):
+        raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
+    tmp = Path(storage.path("config.yaml")) if storage.local else None
+    if tmp is None:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp()) / "config.yaml"
+        tmp.write_bytes(storage.read_bytes("config.yaml"))
+    cfg = load_config(tmp)
+    manifest = load_manifest(data)
+    task = task_from_config(cfg, manifest_spec(manifest))
+    step = last_complete_step(storage, task.num_steps) if step is None else step
+    if not storage.exists(f"step_{step}/{DONE}"):
+        raise FileNotFoundError(f"step {step} of {run} is not complete")
+    saved = storage.load_torch(f"step_{step}/model.pt")
+    model = DeepLabV3(cfg.model.backbone, saved["classes_per_step"], cfg.model.output_stride,
+                      cfg.model.head_channels, cfg.model.norm)
+    model.load_state_dict(saved["state_dict"])
+    dataset = ShardDataset(data, None, eval_lut(task, step, cfg.data.ignore_background),
+                           AugmentConfig(train=False, eval_size=cfg.data.eval_size))
+    loader = make_loader(dataset, batch_size, num_workers=workers)
+    cm, _ = evaluate(model, loader, task.num_seen(step), torch.device("cpu"))
+    names = [task.class_name(c) for c in task.seen_classes(step)]
+    metrics = step_metrics(cm, names, len(task.steps[0]))
+    return {"run": run, "step": step, "data": str(data), "images": len(dataset),
+            **metrics.to_dict(), "table": format_per_class_table(metrics, len(task.steps[0]))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate and print; returns the exit status (0 ok, 2 bad input)."""
+    p = argparse.ArgumentParser(prog="python -m icd_dist.evaluate",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run folder (or URI) written by icd_dist.run")
+    p.add_argument("--step", type=int, help="step to evaluate (default: the last complete)")
+    p.add_argument("--data", required=True, help="shard folder to evaluate on")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        result = evaluate_run(args.run, args.data, args.step, args.batch_size)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = result.pop("table")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.run} step {result['step']} on {args.data} ({result['images']} images)")
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

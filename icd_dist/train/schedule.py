@@ -1,0 +1,220 @@
+"""The schedule driver: one Ray Train TorchTrainer per incremental step.
+
+    for step t: skip it if its DONE marker exists; put the teacher (model of t-1) in the
+    object store once; fit a TorchTrainer whose workers run step_worker.train_step_worker;
+    read the step's metrics.json; print its table.
+    then: summary.json, plots, the resolved config beside them.
+
+`ray.init()` attaches to the cluster in RAY_ADDRESS (as under `ray job submit`) and starts a
+local one otherwise: the embedded default.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from icd_dist.config import Config, ConfigError, config_to_dict, dump_config
+from icd_dist.css.tasks import Task, task_from_config
+from icd_dist.data.inspect import manifest_spec, selected_keys
+from icd_dist.data.manifest import MANIFEST_NAME, load_manifest
+from icd_dist.data.synthetic import build_synthetic
+from icd_dist.train.step_worker import DONE, StepJob, train_step_worker
+from icd_dist.train.storage import Storage
+from icd_dist.train.teacher_share import put_teacher
+
+Log = Callable[[str], None]
+
+
+def run_name(cfg: Config, task_name: str) -> str:
+    """run.name, or "{dataset}-{task}-{method}-{time}"."""
+    if cfg.run.name:
+        return cfg.run.name
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.data.dataset}-{task_name}-{cfg.method.name}-{stamp}"
+
+
+def prepare_shards(cfg: Config, log: Log) -> tuple[str, str]:
+    """(train, eval) shard folders; the synthetic dataset is built on first use."""
+    train, evals = cfg.data.train_shards, cfg.data.eval_shards
+    if not train or not evals:
+        raise ConfigError("data.train_shards", "needs data.train_shards and data.eval_shards "
+                          "(folders built by `python -m icd_dist.shards build`)")
+    if cfg.data.dataset == "synthetic":
+        s = cfg.data.synthetic
+        for folder, num, seed in ((train, s.num_train, s.seed), (evals, s.num_eval, s.seed + 1)):
+            if not (Path(folder) / MANIFEST_NAME).is_file():
+                log(f"building the synthetic dataset in {folder} ({num} samples)")
+                build_synthetic(folder, num, s.classes, (s.height, s.width), seed=seed,
+                                progress=False)
+    for folder in (train, evals):
+        if not (Path(folder) / MANIFEST_NAME).is_file():
+            raise FileNotFoundError(f"no shards in {folder}: build them with `python -m "
+                                    "icd_dist.shards build ...` (see the README)")
+    # workers run in other directories: hand them absolute paths
+    return str(Path(train).resolve()), str(Path(evals).resolve())
+
+
+def _init_ray(cfg: Config) -> bool:
+    """Attach to RAY_ADDRESS's cluster or start a local one; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")} \
+        if cfg.engine.device != "cuda" else {}
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "ICD_DIST_INJECT_FAILURE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+             include_dashboard=False)
+    return True
+
+
+def _use_gpu(cfg: Config) -> bool:
+    import ray
+
+    if cfg.engine.device == "cuda":
+        return True
+    if cfg.engine.device == "cpu":
+        return False
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def fit_step(job: StepJob, storage: Storage, use_gpu: bool) -> None:
+    """Run one step's TorchTrainer to completion (resuming its latest epoch checkpoint)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    e = job.cfg.engine
+    resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_step_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{job.run_name}-step{job.step}", storage_path=storage.uri("ray"),
+            failure_config=FailureConfig(max_failures=e.max_failures)),
+    )
+    trainer.fit()
+
+
+def format_summary_table(steps: list[dict]) -> str:
+    """A console table of old/new/all mIoU and hIoU per step."""
+    def pct(v):
+        return "   -  " if v is None else f"{100 * v:6.2f}"
+    lines = [f"{'step':>4} {'classes':>9} {'images':>7} {'old':>6} {'new':>6} {'all':>6} "
+             f"{'hIoU':>6} {'time s':>7}"]
+    for s in steps:
+        cls = s["classes"]
+        span = f"{cls[0]}..{cls[-1]}" if len(cls) > 1 else str(cls[0])
+        lines.append(f"{s['step']:>4} {span:>9} {s['train_images']:>7} {pct(s['miou_old'])} "
+                     f"{pct(s['miou_new'])} {pct(s['miou_all'])} {pct(s['hiou'])} "
+                     f"{s['seconds']:>7.1f}")
+    return "\n".join(lines)
+
+
+def write_plots(steps: list[dict], folder: Path) -> list[Path]:
+    """mIoU per step and the last step's per-class IoU, as PNGs in `folder`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    xs = [s["step"] for s in steps]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("miou_old", "old"), ("miou_new", "new"), ("miou_all", "all")):
+        ys = [100 * s[key] if s[key] is not None else float("nan") for s in steps]
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_xticks(xs)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    miou = folder / "miou_per_step.png"
+    fig.tight_layout()
+    fig.savefig(miou, dpi=100)
+    plt.close(fig)
+    per_class = steps[-1]["per_class_iou"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(per_class)), 4))
+    names = list(per_class)
+    ax.bar(range(len(names)), [100 * (per_class[n] or 0.0) for n in names])
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel(f"IoU (%) after step {steps[-1]['step']}")
+    fig.tight_layout()
+    bars = folder / "per_class_iou.png"
+    fig.savefig(bars, dpi=100)
+    plt.close(fig)
+    return [miou, bars]
+
+
+def run_schedule(cfg: Config, log: Log | None = None) -> dict:
+    """Train every step of the configured task (skipping finished ones); returns the summary
+    (also written as summary.json in the run folder)."""
+    import ray
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    train_dir, eval_dir = prepare_shards(cfg, log)
+    train_manifest, eval_manifest = load_manifest(train_dir), load_manifest(eval_dir)
+    task: Task = task_from_config(cfg, manifest_spec(train_manifest))
+    name = run_name(cfg, task.name)
+    storage = Storage(cfg.run.storage_path).child(name)
+    storage.makedirs()
+    storage.write_bytes("config.yaml", dump_config(cfg).encode())
+    started = _init_ray(cfg)
+    try:
+        return _run_steps(cfg, task, name, storage, train_dir, eval_dir, train_manifest,
+                          eval_manifest, log)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_steps(cfg: Config, task: Task, name: str, storage: Storage, train_dir: str,
+               eval_dir: str, train_manifest, eval_manifest, log: Log) -> dict:
+    use_gpu = _use_gpu(cfg)
+    log(f"run {name}: {task.dataset} {task.name} ({task.setting}), method {cfg.method.name}, "
+        f"{task.num_steps} steps, {cfg.engine.num_workers} workers "
+        f"({'GPU' if use_gpu else 'CPU'}, {cfg.engine.engine}); results in {storage.uri()}")
+    eval_keys = [s.key for s in eval_manifest.samples]
+    results = []
+    for step in range(task.num_steps):
+        folder = f"step_{step}"
+        if storage.exists(f"{folder}/{DONE}"):
+            log(f"step {step}: already complete, skipped")
+            results.append(storage.read_json(f"{folder}/metrics.json"))
+            continue
+        keys = selected_keys(train_manifest, task, step)
+        if not keys:
+            raise ValueError(f"step {step} of {task.name} ({task.setting}) selects no training "
+                             f"image from {train_dir}")
+        teacher = None
+        if step > 0:
+            previous = storage.load_torch(f"step_{step - 1}/model.pt")
+            teacher = put_teacher(previous["state_dict"])
+        log(f"step {step}: classes {list(task.classes_at(step))}, {len(keys)} training images")
+        job = StepJob(cfg, task, step, name, storage.uri(), train_dir, eval_dir, keys,
+                      eval_keys, teacher=teacher,
+                      failure_marker_dir=str(Path(storage.uri("failures")))
+                      if storage.local else "")
+        fit_step(job, storage, use_gpu)
+        if not storage.exists(f"{folder}/{DONE}"):
+            raise RuntimeError(f"step {step} ended without writing its results")
+        results.append(storage.read_json(f"{folder}/metrics.json"))
+        log(f"after step {step}:\n{format_summary_table(results)}")
+        del teacher
+    summary = {"run": name, "dataset": task.dataset, "task": task.name,
+               "setting": task.setting, "method": cfg.method.name,
+               "config": config_to_dict(cfg), "steps": results}
+    storage.write_json("summary.json", summary)
+    if storage.local:
+        write_plots(results, Path(storage.path("")))
+    log(f"run {name} complete:\n{format_summary_table(results)}\nsummary: "
+        f"{storage.uri('summary.json')}")
+    return summary

@@ -1,0 +1,40 @@
+"""Integration fixtures: a local Ray started and shut down by the tests that use it, and a
+tiny synthetic-data config."""
+
+import os
+
+import pytest
+
+from icd_dist.config import load_config
+
+TINY = [
+    "data.dataset=synthetic", "data.synthetic.num_train=32", "data.synthetic.num_eval=12",
+    "data.synthetic.classes=4", "data.synthetic.height=48", "data.synthetic.width=48",
+    "data.crop_size=48", "data.eval_size=48", "data.loader_workers=0", "data.pipeline=torch",
+    "task.name=2-1", "method.name=icd", "model.backbone=resnet18", "model.head_channels=32",
+    "model.norm=groupnorm", "optim.optimizer=adamw", "optim.lr=0.002",
+    "optim.lr_incremental=0.001", "optim.batch_size=8", "optim.epochs=2",
+    "engine.num_workers=2", "engine.cpus_per_worker=1", "engine.zero_stage=1",
+    "eval.batch_size=8", "logging.wandb=offline", "logging.log_every=1",
+    "logging.num_overlays=2",
+]
+
+
+def tiny_config(tmp_path, *overrides):
+    """The tiny config with shards and runs under tmp_path."""
+    return load_config(None, [*TINY, f"data.train_shards={tmp_path}/data/train",
+                              f"data.eval_shards={tmp_path}/data/val",
+                              f"run.storage_path={tmp_path}/runs", *overrides])
+
+
+@pytest.fixture
+def local_ray():
+    """A 2-CPU local Ray for one test, always shut down afterwards."""
+    import ray
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,0 +1,93 @@
+"""The schedule runner on a local Ray with 2 CPU workers: real Ray Train, real DeepSpeed."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from icd_dist.evaluate import evaluate_run
+from icd_dist.models.deeplab import DeepLabV3
+from icd_dist.train.schedule import run_schedule
+from icd_dist.train.step_worker import FAILURE_ENV, weights_digest
+from tests.integration.conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def model_digest(run: Path, step: int, cfg) -> str:
+    saved = torch.load(run / f"step_{step}" / "model.pt", weights_only=True)
+    model = DeepLabV3(cfg.model.backbone, saved["classes_per_step"], cfg.model.output_stride,
+                      cfg.model.head_channels, cfg.model.norm)
+    model.load_state_dict(saved["state_dict"])
+    return weights_digest(model)
+
+
+def test_two_step_schedule_deepspeed_then_resume_skips(local_ray, tmp_path):
+    cfg = tiny_config(tmp_path, "run.name=two-step")
+    logs = []
+    summary = run_schedule(cfg, log=logs.append)
+    run = tmp_path / "runs" / "two-step"
+    assert [s["step"] for s in summary["steps"]] == [0, 1]
+    assert json.loads((run / "summary.json").read_text())["steps"] == summary["steps"]
+    for s in summary["steps"]:
+        assert 0.0 <= s["miou_all"] <= 1.0 and s["train_images"] > 0
+        assert len(s["student_digests"]) == 2
+        assert s["student_digests"][0] == s["student_digests"][1]  # identical workers
+        assert set(s["per_class_iou"]) >= {"background", "class_1"}
+    assert summary["steps"][0]["teacher_digest"] is None
+    # the teacher of step 1 is exactly the saved model of step 0, unchanged by training
+    assert summary["steps"][1]["teacher_digest"] == model_digest(run, 0, cfg)
+    assert summary["steps"][1]["student_digests"][0] == model_digest(run, 1, cfg)
+    assert summary["steps"][1]["hiou"] is not None
+    for name in ("miou_per_step.png", "per_class_iou.png", "config.yaml"):
+        assert (run / name).is_file()
+    # W&B offline: a run per step holding its metrics and images
+    for step in (0, 1):
+        runs = list((run / f"step_{step}" / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1
+        data = next(runs[0].glob("*.wandb")).read_bytes()
+        assert b"loss/total" in data and b"eval/miou_all" in data
+        assert list((runs[0] / "files" / "media" / "images").rglob("overlays_*.png"))
+    # evaluate re-computes the final metrics from the saved model
+    again = evaluate_run(str(run), str(tmp_path / "data" / "val"))
+    assert again["step"] == 1
+    assert again["miou_all"] == pytest.approx(summary["steps"][1]["miou_all"], abs=1e-6)
+    # re-running the same name skips finished steps
+    logs.clear()
+    rerun = run_schedule(cfg, log=logs.append)
+    assert rerun["steps"] == summary["steps"]
+    assert sum("already complete, skipped" in m for m in logs) == 2
+
+
+def test_deepspeed_and_ddp_same_loss_curve(local_ray, tmp_path):
+    curves = {}
+    for engine in ("deepspeed", "ddp"):
+        cfg = tiny_config(tmp_path, f"run.name=joint-{engine}", "method.name=joint",
+                          "task.name=offline", f"engine.engine={engine}", "optim.epochs=2",
+                          "optim.optimizer=sgd", "optim.lr=0.05")
+        summary = run_schedule(cfg, log=lambda m: None)
+        curves[engine] = summary["steps"][0]["loss_curve"]
+    assert len(curves["deepspeed"]) == len(curves["ddp"]) >= 6
+    assert curves["deepspeed"] == pytest.approx(curves["ddp"], rel=1e-4, abs=1e-5)
+
+
+def test_killed_worker_is_replaced_and_step_resumes(tmp_path):
+    import ray
+
+    os.environ[FAILURE_ENV] = "0:1:1"  # step 0, epoch 1, rank 1 exits abruptly once
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        cfg = tiny_config(tmp_path, "run.name=recover", "engine.max_failures=1",
+                          "optim.epochs=3", "task.name=offline", "method.name=joint")
+        summary = run_schedule(cfg, log=lambda m: None)
+    finally:
+        ray.shutdown()
+        os.environ.pop(FAILURE_ENV, None)
+    run = tmp_path / "runs" / "recover"
+    assert (run / "failures" / "failed_0_1_1").is_file()  # the failure did happen
+    step = summary["steps"][0]
+    assert step["resumed_from_epoch"] == 1  # restarted from the epoch-0 checkpoint
+    assert step["student_digests"][0] == step["student_digests"][1]
+    assert (run / "step_0" / "DONE").is_file()
