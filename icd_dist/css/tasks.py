@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from icd_dist.config import Config, ConfigError
-from icd_dist.css.classes import DatasetSpec, get_dataset
+from icd_dist.css.classes import DatasetSpec, generic_spec, get_dataset
 
 # Registered task names per dataset, each "A-B" in the sense above.
 REGISTERED_TASKS: dict[str, tuple[str, ...]] = {
@@ -180,13 +180,13 @@ def get_task(dataset: str | DatasetSpec, task: str | Sequence[Sequence[int]],
 
 
 def task_from_config(cfg: Config, spec: DatasetSpec | None = None) -> Task:
-    """The Task that a config's `data.dataset` and `task.*` keys describe. Datasets without a
-    registry (synthetic) need their DatasetSpec, which their shard manifest provides."""
+    """The Task that a config's `data.dataset` and `task.*` keys describe, on `spec` (from
+    the shard manifest) when given; synthetic data defaults to data.synthetic.classes."""
     if spec is None:
-        if cfg.data.dataset not in REGISTERED_TASKS:
-            raise ConfigError("data.dataset", f"{cfg.data.dataset!r} has no fixed class list: "
-                              "its classes come from its shard manifest")
-        spec = get_dataset(cfg.data.dataset)
+        if cfg.data.dataset == "synthetic":
+            spec = generic_spec("synthetic", cfg.data.synthetic.classes)
+        else:
+            spec = get_dataset(cfg.data.dataset)
     if cfg.task.steps is not None:
         task = get_task(spec, [list(s) for s in cfg.task.steps], cfg.task.setting)
         return Task(task.dataset, cfg.task.name, task.steps, task.setting, spec)
