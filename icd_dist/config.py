@@ -33,8 +33,13 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str, source: str | None = None):
         self.key = key
         self.detail = message
+        self.source = source
         where = f" (set in {source})" if source else ""
         super().__init__(f"{key}: {message}{where}" if key else f"{message}{where}")
+
+    def __reduce__(self):
+        # crosses process boundaries intact (Ray re-raises worker errors in the driver)
+        return (type(self), (self.key, self.detail, self.source))
 
 
 # --------------------------------------------------------------------------------------

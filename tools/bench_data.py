@@ -15,7 +15,6 @@ import io
 import itertools
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import cpu_name  # noqa: E402
+
 from icd_dist.css.classes import generic_spec, get_dataset  # noqa: E402
 from icd_dist.data.dali_pipeline import DaliLoader, DaliOptions  # noqa: E402
 from icd_dist.data.manifest import load_manifest, write_step_index  # noqa: E402
@@ -37,17 +38,6 @@ from icd_dist.data.synthetic import render_sample  # noqa: E402
 from icd_dist.data.torch_pipeline import AugmentConfig, ShardDataset, make_loader  # noqa: E402
 
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or the platform's processor string)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_raw(folder: Path, num: int, height: int, width: int) -> list[RawSample]:

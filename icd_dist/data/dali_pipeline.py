@@ -78,15 +78,9 @@ def _build_pipeline(paths: Sequence[str], index_paths: Sequence[str], shard_id: 
             top = _place(height, h, fn.random.uniform(range=[0.0, 1.0]), dmath)
             left = _place(width, w, fn.random.uniform(range=[0.0, 1.0]), dmath)
             anchor, box = fn.stack(top, left), fn.stack(h, w)
-            image = fn.slice(image, anchor, box, axes=[0, 1], normalized_anchor=False,
-                             normalized_shape=False, out_of_bounds_policy="pad",
-                             fill_values=0)
-            label = fn.slice(label, anchor, box, axes=[0, 1], normalized_anchor=False,
-                             normalized_shape=False, out_of_bounds_policy="pad",
-                             fill_values=IGNORE_INDEX)
+            image, label = _crop_pair(fn, image, label, anchor, box)
             size = [o.crop_size, o.crop_size]
-            image = fn.resize(image, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
-            label = fn.resize(label, size=size, interp_type=types.INTERP_NN, antialias=False)
+            image, label = _resize_pair(fn, types, image, label, size)
             flip = fn.random.coin_flip(probability=0.5 if o.hflip else 0.0)
             label = fn.flip(label, horizontal=flip)
         elif o.eval_size is not None:
@@ -96,17 +90,10 @@ def _build_pipeline(paths: Sequence[str], index_paths: Sequence[str], shard_id: 
             new_h = dmath.max(dmath.floor(height * size / short + 0.5), 1.0)
             new_w = dmath.max(dmath.floor(width * size / short + 0.5), 1.0)
             new_size = fn.stack(new_h, new_w)
-            image = fn.resize(image, size=new_size, interp_type=types.INTERP_LINEAR,
-                              antialias=True)
-            label = fn.resize(label, size=new_size, interp_type=types.INTERP_NN, antialias=False)
+            image, label = _resize_pair(fn, types, image, label, new_size)
             anchor = fn.stack(dmath.floor((new_h - size) / 2), dmath.floor((new_w - size) / 2))
             box = fn.stack(new_h * 0 + size, new_w * 0 + size)
-            image = fn.slice(image, anchor, box, axes=[0, 1], normalized_anchor=False,
-                             normalized_shape=False, out_of_bounds_policy="pad",
-                             fill_values=0)
-            label = fn.slice(label, anchor, box, axes=[0, 1], normalized_anchor=False,
-                             normalized_shape=False, out_of_bounds_policy="pad",
-                             fill_values=IGNORE_INDEX)
+            image, label = _crop_pair(fn, image, label, anchor, box)
             flip = 0
         else:
             flip = 0
@@ -116,6 +103,21 @@ def _build_pipeline(paths: Sequence[str], index_paths: Sequence[str], shard_id: 
         return image, label
 
     return css_pipeline()
+
+
+def _crop_pair(fn, image, label, anchor, box):
+    """The same box (absolute pixels, may leave the image) from image (padded with 0) and
+    label (padded with 255)."""
+    def crop(data, fill):
+        return fn.slice(data, anchor, box, axes=[0, 1], normalized_anchor=False,
+                        normalized_shape=False, out_of_bounds_policy="pad", fill_values=fill)
+    return crop(image, 0), crop(label, IGNORE_INDEX)
+
+
+def _resize_pair(fn, types, image, label, size):
+    """Image linear (antialiased), label nearest-neighbour, to the same size."""
+    return (fn.resize(image, size=size, interp_type=types.INTERP_LINEAR, antialias=True),
+            fn.resize(label, size=size, interp_type=types.INTERP_NN, antialias=False))
 
 
 def _place(size, box, u, dmath):

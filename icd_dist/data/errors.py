@@ -17,3 +17,6 @@ class BadSampleError(ValueError):
         if key:
             where.append(f"sample {key!r}")
         super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.key, self.shard))

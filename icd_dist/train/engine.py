@@ -138,7 +138,17 @@ class DeepSpeedTrainEngine(TrainEngine):
         self.engine.save_checkpoint(str(folder), tag="engine")
 
     def load(self, folder: str | Path) -> None:
+        # DeepSpeed's own loader unpickles with weights_only=False; read with
+        # weights_only=True instead, allowing only DeepSpeed's loss-scaler records.
+        self.engine.checkpoint_engine.load = _weights_only_load
         self.engine.load_checkpoint(str(folder), tag="engine")
+
+
+def _weights_only_load(path: str, map_location=None):
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class DDPTrainEngine(TrainEngine):

@@ -22,6 +22,7 @@ from icd_dist.css.tasks import Task, task_from_config
 from icd_dist.data.inspect import manifest_spec, selected_keys
 from icd_dist.data.manifest import MANIFEST_NAME, load_manifest
 from icd_dist.data.synthetic import build_synthetic
+from icd_dist.losses.methods import build_step_loss
 from icd_dist.train.step_worker import DONE, StepJob, train_step_worker
 from icd_dist.train.storage import Storage
 from icd_dist.train.teacher_share import put_teacher
@@ -163,6 +164,8 @@ def run_schedule(cfg: Config, log: Log | None = None) -> dict:
     train_dir, eval_dir = prepare_shards(cfg, log)
     train_manifest, eval_manifest = load_manifest(train_dir), load_manifest(eval_dir)
     task: Task = task_from_config(cfg, manifest_spec(train_manifest))
+    for step in range(task.num_steps):  # method/loss/task mismatches fail here, not in workers
+        build_step_loss(cfg, task, step)
     name = run_name(cfg, task.name)
     storage = Storage(cfg.run.storage_path).child(name)
     storage.makedirs()

@@ -150,3 +150,12 @@ def test_corrupt_raw_image_is_named(voc_root, tmp_path):
     with pytest.raises(BuildError, match="broken: cannot read image"):
         build_shards(list_samples("voc", voc_root, "train_aug"), get_dataset("voc"),
                      tmp_path / "s", "train_aug", progress=False)
+
+
+def test_bad_sample_error_survives_pickling():
+    import pickle
+
+    err = BadSampleError("corrupt image", "k1", "shard-000001.tar")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.reason, back.key, back.shard, str(back)) == (err.reason, err.key, err.shard,
+                                                              str(err))

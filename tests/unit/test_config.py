@@ -183,3 +183,11 @@ def test_shipped_experiment_configs_load_and_name_a_task():
             name, method = path.stem.split("_")
             assert (task.name, cfg.method.name) == (name, method)
             assert cfg.data.dataset == path.parent.name
+
+
+def test_config_error_survives_pickling():
+    import pickle
+
+    err = ConfigError("optim.lr", "must be positive", "override 'optim.lr=-1'")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.key, back.detail, str(back)) == (err.key, err.detail, str(err))

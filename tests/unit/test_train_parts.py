@@ -1,0 +1,109 @@
+"""Engine helpers, the step budget, teacher sharing and run storage (no Ray)."""
+
+import numpy as np
+import pytest
+import torch
+
+from icd_dist.config import ConfigError, load_config, micro_batch_and_accumulation
+from icd_dist.models import DeepLabV3
+from icd_dist.train.engine import DDPTrainEngine, poly_lambda
+from icd_dist.train.schedule import format_summary_table, write_plots
+from icd_dist.train.step_worker import budget, total_iterations, weights_digest
+from icd_dist.train.storage import Storage
+from icd_dist.train.teacher_share import build_teacher, shares_memory_with, state_to_numpy
+
+
+def test_poly_schedule():
+    f = poly_lambda(10, 0.9)
+    assert f(0) == 1.0
+    assert f(5) == pytest.approx(0.5 ** 0.9)
+    assert f(10) == 0.0 and f(12) == 0.0
+
+
+@pytest.mark.parametrize(("batch", "workers", "micro", "expected"), [
+    (24, 2, None, (12, 1)), (24, 2, 4, (4, 3)), (24, 3, None, (8, 1)), (8, 1, 2, (2, 4)),
+])
+def test_global_batch_is_kept_by_accumulation(batch, workers, micro, expected):
+    cfg = load_config(None, [f"optim.batch_size={batch}", f"engine.num_workers={workers}",
+                             f"engine.micro_batch_size={micro if micro else 'null'}"])
+    m, a = micro_batch_and_accumulation(cfg)
+    assert (m, a) == expected and m * a * workers == batch
+
+
+def test_indivisible_batch_is_a_config_error():
+    with pytest.raises(ConfigError, match="optim.batch_size"):
+        load_config(None, ["optim.batch_size=10", "engine.num_workers=3"])
+
+
+def test_budget_epochs_and_iterations():
+    cfg = load_config(None, ["optim.batch_size=8", "engine.num_workers=2", "optim.epochs=3",
+                             "optim.epochs_incremental=5"])
+    assert budget(cfg, 0, 100) == (12, 3)  # 100 images // 8 per global batch
+    assert budget(cfg, 1, 100) == (12, 5)
+    assert total_iterations(cfg, 0, 100) == 36
+    cfg = load_config(None, ["optim.batch_size=8", "engine.num_workers=2",
+                             "engine.micro_batch_size=2", "optim.iterations=10"])
+    per_epoch, epochs = budget(cfg, 0, 50)  # 6 optimiser steps of 2 micro-batches per epoch
+    assert per_epoch == 12 and epochs == 2 and total_iterations(cfg, 0, 50) == 10
+
+
+def test_ddp_engine_single_process_accumulates():
+    torch.manual_seed(0)
+    cfg = load_config(None, ["optim.batch_size=8", "engine.num_workers=1",
+                             "engine.micro_batch_size=4", "engine.engine=ddp",
+                             "engine.zero_stage=0", "optim.optimizer=sgd", "optim.momentum=0",
+                             "optim.nesterov=false", "optim.weight_decay=0"])
+    lin = torch.nn.Linear(3, 1, bias=False)
+    engine = DDPTrainEngine(cfg, lin, lin.parameters(), 0.1, 10, on_gpu=False)
+    x = torch.randn(8, 3)
+    w0 = lin.weight.detach().clone()
+    for half in (x[:4], x[4:]):
+        engine.backward(engine.forward(half).sum())
+        stepped = engine.step()
+    assert stepped and engine.lr() == pytest.approx(0.1 * 0.9 ** 0.9)
+    # one SGD step on the mean gradient of the two micro-batches
+    expected = w0 - 0.1 * (x[:4].sum(0) + x[4:].sum(0)) / 2
+    assert torch.allclose(lin.weight, expected, atol=1e-6)
+
+
+def test_teacher_built_on_shared_arrays_without_copy():
+    model = DeepLabV3("resnet18", [3, 1], head_channels=8, norm="groupnorm")
+    arrays = state_to_numpy(model.state_dict())
+    for a in arrays.values():
+        a.setflags(write=False)  # as the object store hands them out
+    cfg = load_config(None, ["model.backbone=resnet18", "model.head_channels=8",
+                             "model.norm=groupnorm"])
+    teacher = build_teacher(arrays, cfg.model, [3, 1], torch.device("cpu"))
+    assert shares_memory_with(teacher, arrays)
+    assert weights_digest(teacher) == weights_digest(model)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x).logits, model.eval()(x).logits, atol=1e-6)
+    copied = build_teacher(arrays, cfg.model, [3, 1], torch.device("cpu"), torch.bfloat16)
+    assert not shares_memory_with(copied, arrays)
+    assert next(copied.parameters()).dtype == torch.bfloat16
+
+
+def test_local_storage_round_trip(tmp_path):
+    storage = Storage(str(tmp_path / "run")).child("step_0")
+    storage.write_json("metrics.json", {"a": 1})
+    storage.save_torch("model.pt", {"w": torch.ones(2)})
+    assert storage.exists("metrics.json") and not storage.exists("nothing")
+    assert storage.read_json("metrics.json") == {"a": 1}
+    assert torch.equal(storage.load_torch("model.pt")["w"], torch.ones(2))
+    assert not list((tmp_path / "run" / "step_0").glob("*.tmp"))
+
+
+def test_summary_table_and_plots(tmp_path):
+    steps = [{"step": 0, "classes": [0, 1, 2], "train_images": 10, "miou_old": 0.5,
+              "miou_new": None, "miou_all": 0.5, "hiou": None, "seconds": 3.0,
+              "per_class_iou": {"bg": 0.6, "a": 0.4, "b": None}},
+             {"step": 1, "classes": [3], "train_images": 4, "miou_old": 0.4, "miou_new": 0.2,
+              "miou_all": 0.35, "hiou": 0.2667, "seconds": 2.0,
+              "per_class_iou": {"bg": 0.5, "a": 0.3, "b": None, "c": 0.2}}]
+    table = format_summary_table(steps)
+    assert "0..2" in table and " 50.00" in table and " 26.67" in table
+    paths = write_plots(steps, tmp_path)
+    assert all(p.is_file() and p.stat().st_size > 1000 for p in paths)
+    assert np.all([p.suffix == ".png" for p in paths])
