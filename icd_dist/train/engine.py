@@ -139,15 +139,19 @@ class DeepSpeedTrainEngine(TrainEngine):
 
     def load(self, folder: str | Path) -> None:
         # DeepSpeed's own loader unpickles with weights_only=False; read with
-        # weights_only=True instead, allowing only DeepSpeed's loss-scaler records.
+        # weights_only=True instead, allowing only DeepSpeed's plain-data records.
         self.engine.checkpoint_engine.load = _weights_only_load
         self.engine.load_checkpoint(str(folder), tag="engine")
 
 
 def _weights_only_load(path: str, map_location=None):
+    # The plain-data classes DeepSpeed's ZeRO checkpoints hold besides tensors.
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler]):
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum,
+                                           fragment_address]):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 

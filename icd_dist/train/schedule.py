@@ -166,6 +166,10 @@ def run_schedule(cfg: Config, log: Log | None = None) -> dict:
     task: Task = task_from_config(cfg, manifest_spec(train_manifest))
     for step in range(task.num_steps):  # method/loss/task mismatches fail here, not in workers
         build_step_loss(cfg, task, step)
+    if cfg.method.name == "icd" and cfg.loss.icd.msca == "learned":
+        raise ConfigError("loss.icd.msca", "'learned' exists in the reference loss "
+                          "(icd_dist.losses.icd.MSCA) but the runner does not yet carry learned "
+                          "MSCA weights from step to step; use 'fixed'")
     name = run_name(cfg, task.name)
     storage = Storage(cfg.run.storage_path).child(name)
     storage.makedirs()

@@ -19,11 +19,10 @@ def ray_cli(env, *args, timeout=600):
                           text=True, timeout=timeout)
 
 
-def test_demo_via_ray_job_submit(tmp_path, monkeypatch):
-    token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # for the SDK client below
-    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+def test_demo_via_ray_job_submit(tmp_path):
+    # The token lives only in the subprocesses' environment: Ray caches a token in the
+    # process that first uses one, which would break the local clusters of later tests.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     dashboard = "http://127.0.0.1:8277"
     started = ray_cli(env, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6392",
                       "--num-cpus=2", "--dashboard-host=127.0.0.1", "--dashboard-port=8277",
@@ -36,9 +35,11 @@ def test_demo_via_ray_job_submit(tmp_path, monkeypatch):
             "configs/demo.yaml", f"run.storage_path={tmp_path}/runs", "optim.epochs=1",
             "data.synthetic.num_train=32", "data.synthetic.num_eval=8")
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
-        assert JobSubmissionClient(dashboard).get_job_status("icd-demo") == JobStatus.SUCCEEDED
+        status = subprocess.run(
+            [sys.executable, "-c", "from ray.job_submission import JobSubmissionClient as C; "
+             f"print(C({dashboard!r}).get_job_status('icd-demo').value)"],
+            env=env, capture_output=True, text=True, timeout=120)
+        assert status.stdout.strip() == "SUCCEEDED", status.stderr[-2000:]
         summary = json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())
         assert [s["step"] for s in summary["steps"]] == [0, 1]
     finally:
