@@ -45,7 +45,8 @@ class StepLoader:
         self.kind = resolve_pipeline(data, device_id is not None)
         self.train = train
         self.epoch = 0
-        self._args = (data, Path(shard_dir), list(keys), lut, batch_size, rank, world_size, seed)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.loader_workers = data.loader_workers
         if self.kind == "dali":
             manifest = load_manifest(shard_dir)
             index_dir = Path(index_dir or Path(shard_dir) / "index")
@@ -65,11 +66,9 @@ class StepLoader:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[Batch]:
-        data, _, _, _, batch_size, rank, world, seed = self._args
         if self.kind == "dali":
             for images, labels in self._dali:
                 yield Batch(images, labels, 0)
             return
-        loader = make_loader(self._dataset, batch_size, rank, world, data.loader_workers,
-                             self.epoch, seed, shuffle=self.train)
-        yield from loader
+        yield from make_loader(self._dataset, self.batch_size, self.rank, self.world_size,
+                               self.loader_workers, self.epoch, self.seed, shuffle=self.train)

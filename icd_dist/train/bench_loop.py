@@ -14,10 +14,7 @@ import torch.distributed as dist
 from icd_dist.config import Config, micro_batch_and_accumulation
 from icd_dist.models.deeplab import build_model
 from icd_dist.train.engine import build_engine
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+from icd_dist.train.step_worker import rank_and_world
 
 
 def time_training(cfg: Config, iterations: int, warmup: int, engine_name: str | None) -> float:
@@ -63,7 +60,7 @@ def throughput_worker(config: dict) -> None:
     """Ray Train loop: time training and let rank 0 write {"images_per_s"} to config["out"]."""
     rate = time_training(config["cfg"], config["iterations"], config["warmup"],
                          config["engine"])
-    if _rank() == 0:
+    if rank_and_world()[0] == 0:
         Path(config["out"]).write_text(json.dumps({"images_per_s": rate}))
 
 
@@ -92,5 +89,5 @@ def teacher_memory_worker(config: dict) -> None:
         dist.all_gather_object(gathered, out)
     else:
         gathered = [out]
-    if _rank() == 0:
+    if rank_and_world()[0] == 0:
         Path(config["out"]).write_text(json.dumps(gathered))

@@ -94,6 +94,13 @@ class StepMetrics:
     per_class_iou: dict[str, float | None]
     pixel_accuracy: float | None
 
+    def scalars(self) -> dict[str, float]:
+        """The scalar scores that are defined (for logging)."""
+        values = {"miou_old": self.miou_old, "miou_new": self.miou_new,
+                  "miou_all": self.miou_all, "hiou": self.hiou,
+                  "pixel_accuracy": self.pixel_accuracy}
+        return {k: v for k, v in values.items() if v is not None}
+
     def to_dict(self) -> dict:
         """JSON-ready dict."""
         return {

@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,9 +53,7 @@ class StepJob:
     train_keys: list[str]
     eval_keys: list[str]
     teacher: object = None  # ObjectRef of the previous step's weights (None at step 0)
-    student_init: object = None  # ObjectRef of initial weights (e.g. a shared step 0)
     failure_marker_dir: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def folder(self) -> str:
@@ -88,7 +86,8 @@ def total_iterations(cfg: Config, step: int, num_images: int) -> int:
     return iterations or per_epoch * epochs // accumulation
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -116,14 +115,11 @@ def build_student(job: StepJob, device: torch.device) -> DeepLabV3:
     cfg, task, step = job.cfg, job.task, job.step
     sizes = [len(s) for s in task.steps[: step + 1]]
     torch.manual_seed(cfg.run.seed)
-    if job.student_init is not None or step > 0:
-        source = job.student_init if job.student_init is not None else job.teacher
-        arrays = fetch_teacher_arrays(source)
-        init_sizes = sizes if job.student_init is not None else sizes[:-1]
-        model = build_model(_no_pretrained(cfg), init_sizes)
+    if step > 0:
+        arrays = fetch_teacher_arrays(job.teacher)
+        model = build_model(_no_pretrained(cfg), sizes[:-1])
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
-        if job.student_init is None:
-            model.add_step(sizes[-1], mib_init=cfg.model.mib_init)
+        model.add_step(sizes[-1], mib_init=cfg.model.mib_init)
     else:
         model = build_model(cfg.model, sizes)
     if device.type == "cuda" and cfg.engine.num_workers > 1 and cfg.model.norm == "batchnorm":
@@ -192,7 +188,7 @@ def train_step_worker(config: dict) -> None:
 
     job: StepJob = config["job"]
     cfg, task, step = job.cfg, job.task, job.step
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     device = _device()
     on_gpu = device.type == "cuda"
     storage = Storage(job.run_uri)
@@ -284,8 +280,7 @@ def train_step_worker(config: dict) -> None:
                 and epoch + 1 < epochs:
             cm, _ = evaluate(engine.module, eval_loader, task.num_seen(step), device)
             m = step_metrics(cm, _class_names(task, step), len(task.steps[0]))
-            tracker.log({f"eval/{k}": v for k, v in m.to_dict().items()
-                         if isinstance(v, float)}, step=global_step)
+            tracker.log({f"eval/{k}": v for k, v in m.scalars().items()}, step=global_step)
     seconds = time.perf_counter() - started
 
     cm, overlays = evaluate(engine.module, eval_loader, task.num_seen(step), device,
@@ -309,8 +304,8 @@ def train_step_worker(config: dict) -> None:
                   "engine": cfg.engine.engine, "workers": world,
                   "student_digests": student_digests, "teacher_digest": teacher_digest,
                   "loss_curve": loss_curve, "resumed_from_epoch": start_epoch}
-        tracker.log_step_result(metrics.to_dict() | {"per_class_iou": None},
-                                metrics.per_class_iou, overlays, step=global_step)
+        tracker.log_step_result(metrics.scalars(), metrics.per_class_iou, overlays,
+                                step=global_step)
         tracker.finish()
         state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
                  for k, v in engine.module.state_dict().items()}
@@ -354,7 +349,7 @@ def _save_epoch(engine, storage: Storage, job: StepJob, epoch: int) -> None:
     a barrier rank 0 records that epoch as the latest complete one (written last) and drops
     the older checkpoint. A worker group restarted after a failure, or a re-run of the same
     run name, resumes from the epoch after it."""
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     rel = f"{job.folder}/checkpoints/epoch_{epoch}"
     if storage.local:
         Path(storage.path(rel)).mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ class Tracker:
 
     def log_step_result(self, metrics: Mapping, per_class: Mapping[str, float | None],
                         overlays: list, step: int | None = None) -> None:
-        """Step metrics, the per-class IoU table and prediction overlays."""
+        """Step metrics (scalars), the per-class IoU table and prediction overlays."""
         if self.run is None:
             return
         import wandb
@@ -60,7 +60,7 @@ class Tracker:
         images = [wandb.Image(img, masks={"prediction": {"mask_data": pred},
                                           "ground_truth": {"mask_data": gt}})
                   for img, pred, gt in overlays]
-        self.run.log({**{f"eval/{k}": v for k, v in metrics.items() if v is not None},
+        self.run.log({**{f"eval/{k}": v for k, v in metrics.items()},
                       "eval/per_class_iou": table, "eval/overlays": images}, step=step)
 
     def finish(self) -> None:
