@@ -39,6 +39,17 @@ class SampleRecord:
     width: int
     classes: tuple[int, ...]
 
+    def to_json(self) -> dict:
+        """JSON-ready dict (tuples as lists)."""
+        return {**asdict(self), "image": list(self.image), "label": list(self.label),
+                "classes": list(self.classes)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> SampleRecord:
+        """The record to_json wrote."""
+        return cls(d["key"], d["shard"], tuple(d["image"]), tuple(d["label"]), d["height"],
+                   d["width"], tuple(d["classes"]))
+
 
 @dataclass(frozen=True)
 class ShardRecord:
@@ -71,8 +82,7 @@ class Manifest:
         return {
             "format": FORMAT_VERSION, "dataset": self.dataset, "split": self.split,
             "class_names": self.class_names,
-            "samples": [{**asdict(s), "image": list(s.image), "label": list(s.label),
-                         "classes": list(s.classes)} for s in self.samples],
+            "samples": [s.to_json() for s in self.samples],
             "shards": [asdict(s) for s in self.shards],
             "rejected": self.rejected,
         }
@@ -83,9 +93,7 @@ class Manifest:
         if data.get("format") != FORMAT_VERSION:
             raise ValueError(f"manifest format {data.get('format')!r} is not supported "
                              f"(expected {FORMAT_VERSION}); rebuild the shards")
-        samples = [SampleRecord(s["key"], s["shard"], tuple(s["image"]), tuple(s["label"]),
-                                s["height"], s["width"], tuple(s["classes"]))
-                   for s in data["samples"]]
+        samples = [SampleRecord.from_json(s) for s in data["samples"]]
         shards = [ShardRecord(**s) for s in data["shards"]]
         return cls(data["dataset"], data["split"], list(data["class_names"]), samples, shards,
                    list(data.get("rejected", [])))

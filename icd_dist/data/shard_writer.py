@@ -20,7 +20,6 @@ import sys
 import tarfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -160,8 +159,7 @@ def write_shard(tar_path: Path, samples: Sequence[RawSample], spec: DatasetSpec)
     idx.write_text(dali_index_lines(records))
     side = {
         "planned": [s.key for s in samples],
-        "samples": [{**asdict(r), "image": list(r.image), "label": list(r.label),
-                     "classes": list(r.classes)} for r in records],
+        "samples": [r.to_json() for r in records],
         "rejected": rejected,
         "bytes": tar_path.stat().st_size,
         "sha256": sha256_of(tar_path),
@@ -227,9 +225,7 @@ def build_shards(samples: Sequence[RawSample], spec: DatasetSpec, out_dir: str |
     records, shards = [], []
     for i in range(len(plan)):
         side = sidecars[i]
-        recs = [SampleRecord(d["key"], d["shard"], tuple(d["image"]), tuple(d["label"]),
-                             d["height"], d["width"], tuple(d["classes"]))
-                for d in side["samples"]]
+        recs = [SampleRecord.from_json(d) for d in side["samples"]]
         records.extend(recs)
         shards.append(ShardRecord(shard_name(i), len(recs), side["bytes"], side["sha256"]))
     manifest = Manifest(spec.name, split, list(spec.class_names), records, shards, rejected)

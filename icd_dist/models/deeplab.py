@@ -64,13 +64,15 @@ def to_sync_batchnorm(model: nn.Module) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def build_model(model_cfg, classes_per_step: Sequence[int]) -> DeepLabV3:
+def build_model(model_cfg, classes_per_step: Sequence[int],
+                load_pretrained: bool = True) -> DeepLabV3:
     """A DeepLabV3 from a ModelConfig, with a classifier head per entry of classes_per_step;
-    loads model_cfg.pretrained into the backbone when given."""
+    loads model_cfg.pretrained into the backbone when given and `load_pretrained` (models
+    about to receive saved weights skip it)."""
     from icd_dist.models.pretrained import load_pretrained_backbone
 
     model = DeepLabV3(model_cfg.backbone, classes_per_step, model_cfg.output_stride,
                       model_cfg.head_channels, model_cfg.norm)
-    if model_cfg.pretrained:
+    if load_pretrained and model_cfg.pretrained:
         load_pretrained_backbone(model.backbone, model_cfg.pretrained, model_cfg.backbone)
     return model

@@ -29,6 +29,11 @@ def poly_lambda(total_iterations: int, power: float):
     return factor
 
 
+# Mixed-precision dtypes by config name; fp32 (None) means no casting.
+PRECISION_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_precision(cfg: Config, on_gpu: bool) -> str:
     """fp32 / bf16 / fp16 for this worker: `auto` is bf16 on GPUs that support it, else fp32."""
     p = cfg.engine.precision
@@ -117,8 +122,7 @@ class DeepSpeedTrainEngine(TrainEngine):
         self.accumulation = accumulation
         self.precision = precision
         # DeepSpeed keeps bf16/fp16 weights: the images must come in that dtype
-        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            precision, torch.float32)
+        self.input_dtype = PRECISION_DTYPES[precision] or torch.float32
 
     def forward(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -183,7 +187,7 @@ class DDPTrainEngine(TrainEngine):
         # DDP decides in forward whether the coming backward all-reduces: skip it on
         # micro-batches before the accumulation boundary.
         sync = (self.micro_step + 1) % self.accumulation == 0
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        dtype = PRECISION_DTYPES[self.precision]
         no_sync = not sync and isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
         with self.wrapped.no_sync() if no_sync else nullcontext(), \
                 torch.autocast(self.device_type, dtype=dtype, enabled=dtype is not None):

@@ -28,7 +28,7 @@ from icd_dist.data.pipeline import StepLoader
 from icd_dist.losses.css import EntropyHistogram
 from icd_dist.losses.methods import build_step_loss
 from icd_dist.models.deeplab import DeepLabV3, build_model, to_sync_batchnorm
-from icd_dist.train.engine import build_engine
+from icd_dist.train.engine import PRECISION_DTYPES, build_engine
 from icd_dist.train.metrics import ConfusionMatrix, format_per_class_table, step_metrics
 from icd_dist.train.storage import Storage
 from icd_dist.train.teacher_share import build_teacher, fetch_teacher_arrays
@@ -106,7 +106,7 @@ def _teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     if choice == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() \
             else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+    return PRECISION_DTYPES[choice]
 
 
 def build_student(job: StepJob, device: torch.device) -> DeepLabV3:
@@ -117,7 +117,7 @@ def build_student(job: StepJob, device: torch.device) -> DeepLabV3:
     torch.manual_seed(cfg.run.seed)
     if step > 0:
         arrays = fetch_teacher_arrays(job.teacher)
-        model = build_model(_no_pretrained(cfg), sizes[:-1])
+        model = build_model(cfg.model, sizes[:-1], load_pretrained=False)
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
         model.add_step(sizes[-1], mib_init=cfg.model.mib_init)
     else:
@@ -125,12 +125,6 @@ def build_student(job: StepJob, device: torch.device) -> DeepLabV3:
     if device.type == "cuda" and cfg.engine.num_workers > 1 and cfg.model.norm == "batchnorm":
         model = to_sync_batchnorm(model)
     return model.to(device)
-
-
-def _no_pretrained(cfg: Config):
-    from dataclasses import replace
-
-    return replace(cfg.model, pretrained=None)
 
 
 def _maybe_inject_failure(job: StepJob, epoch: int, rank: int) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from icd_dist.models.deeplab import DeepLabV3
+from icd_dist.models.deeplab import build_model
 from icd_dist.models.teacher import freeze
 
 
@@ -47,8 +47,7 @@ def build_teacher(arrays: Mapping[str, np.ndarray], model_cfg, classes_per_step:
     """The frozen teacher built on `arrays`. On CPU without a dtype change its tensors ARE the
     shared arrays (no copy); otherwise they are copied once to `device` / `dtype`."""
     with torch.device("meta"):
-        model = DeepLabV3(model_cfg.backbone, classes_per_step, model_cfg.output_stride,
-                          model_cfg.head_channels, model_cfg.norm)
+        model = build_model(model_cfg, classes_per_step, load_pretrained=False)
     with warnings.catch_warnings():
         # read-only shared memory: the teacher never writes to its weights
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from icd_dist.evaluate import evaluate_run
-from icd_dist.models.deeplab import DeepLabV3
+from icd_dist.models.deeplab import build_model
 from icd_dist.train.schedule import run_schedule
 from icd_dist.train.step_worker import FAILURE_ENV, weights_digest
 from tests.integration.conftest import tiny_config
@@ -18,8 +18,7 @@ pytestmark = pytest.mark.integration
 
 def model_digest(run: Path, step: int, cfg) -> str:
     saved = torch.load(run / f"step_{step}" / "model.pt", weights_only=True)
-    model = DeepLabV3(cfg.model.backbone, saved["classes_per_step"], cfg.model.output_stride,
-                      cfg.model.head_channels, cfg.model.norm)
+    model = build_model(cfg.model, saved["classes_per_step"], load_pretrained=False)
     model.load_state_dict(saved["state_dict"])
     return weights_digest(model)
 

@@ -164,6 +164,8 @@ def test_build_model_from_config_loads_pretrained(tmp_path):
                              "model.head_channels=16"])
     model = build_model(cfg.model, [16])
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+    fresh = build_model(cfg.model, [16], load_pretrained=False)
+    assert not torch.equal(fresh.backbone.conv1.weight, reference.conv1.weight)
 
 
 def test_resnet18_forward_backward_with_icd_loss_on_cpu():
