@@ -139,6 +139,10 @@ class ICDLossConfig:
     msca_kernels: tuple[int, ...] = (7, 11, 21)
     # PLOP's adaptive factor sqrt(|C_0:t| / |C_t|) on the ICD terms.
     adaptive_factor: bool = True
+    # Implementation of the losses: auto = the fused Triton kernels on CUDA, the compiled
+    # fused path on CPU; eager = the readable reference (losses/icd.py). All give the same
+    # values within the dtype's tolerance.
+    impl: Literal["auto", "triton", "compiled", "eager"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,19 @@
 """Shared fixtures: tiny made-up datasets in the raw layouts, and the CamVid data when present."""
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# Without CUDA the Triton kernels are checked by Triton's interpreter; triton.jit reads this
+# when the kernels' module is imported, so it is set before any test imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# A compiled-path test that ran eagerly because dynamo gave up would pass for the wrong reason.
+torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 CAMVID = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "camvid"
 

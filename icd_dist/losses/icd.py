@@ -47,8 +47,10 @@ def feature_statistic(f: torch.Tensor, stat: str) -> torch.Tensor:
     raise ValueError(f"unknown statistic {stat!r}; allowed: {', '.join(STATS)}")
 
 
-def _check_levels(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Tensor],
-                  minimum: int) -> None:
+def check_levels(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Tensor],
+                 minimum: int) -> None:
+    """Raise ValueError unless student and teacher give the same number (>= minimum) of
+    levels with equal shapes level by level."""
     if len(feats_s) != len(feats_t) or len(feats_s) < minimum:
         raise ValueError(f"need the same number (>= {minimum}) of student and teacher levels, "
                          f"got {len(feats_s)} and {len(feats_t)}")
@@ -61,7 +63,7 @@ def internal_loss(feats_student: Sequence[torch.Tensor], feats_teacher: Sequence
                   stats: Sequence[str] = STATS) -> torch.Tensor:
     """L_int = mean over levels l and statistics k of
     mean_b || n(s_k(f_S^l)) - n(s_k(f_T^l)) ||_2, with n(v) = v / max(||v||_2, 1e-8)."""
-    _check_levels(feats_student, feats_teacher, 1)
+    check_levels(feats_student, feats_teacher, 1)
     if not stats:
         raise ValueError("stats must name at least one statistic")
     terms = []
@@ -145,7 +147,7 @@ def external_loss(feats_student: Sequence[torch.Tensor], feats_teacher: Sequence
     """L_ext = (1/(L-1)) * sum over adjacent levels of tau^2 * mean_b KL(r_T || r_S).
 
     `msca` is "fixed" (averaging kernels) or an MSCA module (e.g. a learned one)."""
-    _check_levels(feats_student, feats_teacher, 2)
+    check_levels(feats_student, feats_teacher, 2)
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
     if isinstance(msca, str):

@@ -24,7 +24,8 @@ from torch import nn
 from icd_dist.config import Config, ConfigError
 from icd_dist.css.tasks import Task
 from icd_dist.losses import css
-from icd_dist.losses.icd import MSCA, external_loss, internal_loss
+from icd_dist.losses.icd import MSCA
+from icd_dist.losses.kernels.dispatch import icd_terms
 from icd_dist.losses.precision import upcast
 from icd_dist.models.deeplab import SegOutput
 
@@ -92,12 +93,14 @@ class StepLoss(nn.Module):
         if self.step > 0 and self.method == "icd":
             icd = lc.icd
             factor = self.factor if icd.adaptive_factor else 1.0
-            if icd.lambda_int > 0:
-                parts["int"] = factor * icd.lambda_int * internal_loss(
-                    student.features, teacher.features, icd.stats)
-            if icd.lambda_ext > 0:
-                parts["ext"] = factor * icd.lambda_ext * external_loss(
-                    student.features, teacher.features, icd.tau, self.msca)
+            internal, external = icd_terms(
+                student.features, teacher.features, stats=icd.stats, tau=icd.tau,
+                msca=self.msca, want_internal=icd.lambda_int > 0,
+                want_external=icd.lambda_ext > 0, impl=icd.impl)
+            if internal is not None:
+                parts["int"] = factor * icd.lambda_int * internal
+            if external is not None:
+                parts["ext"] = factor * icd.lambda_ext * external
         total = torch.stack(list(parts.values())).sum()
         components = {k: v.detach() for k, v in parts.items()}
         components["total"] = total.detach()

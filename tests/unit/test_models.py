@@ -1,12 +1,14 @@
 """DeepLabV3 with taps, the incremental classifier, the teacher, and pretrained loading."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.segmentation import deeplabv3_resnet101
 
-from icd_dist.config import load_config
+from icd_dist.config import load_config, replace
 from icd_dist.css import get_task
 from icd_dist.losses.methods import build_step_loss
 from icd_dist.models import (
@@ -171,7 +173,7 @@ def test_build_model_from_config_loads_pretrained(tmp_path):
 def test_resnet18_forward_backward_with_icd_loss_on_cpu():
     torch.manual_seed(0)
     cfg = load_config(None, ["model.backbone=resnet18", "method.name=icd",
-                             "data.dataset=voc", "task.name=15-5"])
+                             "data.dataset=voc", "task.name=15-5", "loss.icd.impl=eager"])
     task = get_task("voc", "15-5")
     student = build_model(cfg.model, [16])
     teacher = make_teacher(student)
@@ -189,6 +191,47 @@ def test_resnet18_forward_backward_with_icd_loss_on_cpu():
     grads = [p.grad for p in student.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert student.backbone.layer1[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_training_step_with_fused_default_equals_eager():
+    """The default loss.icd.impl (auto: compiled on CPU, Triton on CUDA) trains like the eager
+    reference: same loss, same gradients, same weights after an optimiser step."""
+    cfg = load_config(None, ["model.backbone=resnet18", "model.head_channels=32",
+                             "model.norm=groupnorm", "method.name=icd", "data.dataset=voc",
+                             "task.name=15-5", "loss.icd.lambda_ext=100"])
+    assert cfg.loss.icd.impl == "auto"
+    task = get_task("voc", "15-5")
+    torch.manual_seed(0)
+    initial = build_model(cfg.model, [16], load_pretrained=False)
+    teacher = make_teacher(initial)
+    initial.add_step(5)
+    with torch.no_grad():  # a student that has drifted from its teacher, as during a step
+        for p in initial.parameters():
+            p.add_(0.2 * p.std().nan_to_num() * torch.randn_like(p))
+    x = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 21, (2, 64, 64))
+    labels[labels < 16] = 0
+    with torch.no_grad():
+        t_out = teacher(x)
+    results = {}
+    for impl in ("auto", "eager"):
+        student = copy.deepcopy(initial)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+        loss_fn = build_step_loss(replace(cfg, [f"loss.icd.impl={impl}"]), task, 1)
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        loss, parts = loss_fn(student(x), t_out, labels)
+        loss.backward()
+        optimizer.step()
+        results[impl] = (parts, [p.detach().clone() for p in student.parameters()])
+    (fused_parts, fused_weights), (eager_parts, eager_weights) = results["auto"], results["eager"]
+    for name in ("total", "int", "ext"):
+        assert fused_parts[name].item() == pytest.approx(eager_parts[name].item(), rel=2e-3)
+    assert fused_parts["int"] > 0 and fused_parts["ext"] > 0
+    moved = [(a - b).abs().max().item() for a, b in zip(eager_weights,
+             [p.detach() for p in initial.parameters()], strict=True)]
+    assert max(moved) > 1e-3  # the step changed the weights, so the comparison below has teeth
+    for a, b in zip(fused_weights, eager_weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_sync_batchnorm_conversion_keeps_weights():
