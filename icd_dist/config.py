@@ -231,6 +231,46 @@ class LoggingConfig:
     entity: str | None = None
     log_every: int = 10
     num_overlays: int = 4
+    # W&B group of the step runs; None = the run name (a sweep sets its own name).
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class TuneSpaceConfig:
+    """The search space of `python -m icd_dist.tune`; a dimension left null keeps the value
+    of the run config. Ranges are log-uniform [low, high]; tau and stats are choices."""
+
+    lambda_int: tuple[float, float] | None = (0.01, 100.0)
+    lambda_ext: tuple[float, float] | None = (0.1, 1000.0)
+    lambda_kd: tuple[float, float] | None = None
+    tau: tuple[float, ...] | None = None
+    stats: tuple[tuple[
+        Literal["mean", "std", "max", "spatial_mean", "spatial_std"], ...], ...] | None = None
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """A Ray Tune sweep over incremental schedules (`python -m icd_dist.tune`)."""
+
+    # Task names of the run's dataset (e.g. [6-5, 6-1]); empty = task.name alone.
+    schedules: tuple[str, ...] = ()
+    space: TuneSpaceConfig = field(default_factory=TuneSpaceConfig)
+    # random: num_samples weight sets, each run on every schedule; optuna: TPE proposes
+    # num_samples (schedule, weights) trials.
+    search: Literal["random", "optuna"] = "random"
+    num_samples: int = 8
+    # What a trial is judged by after its last step: all-mIoU, hIoU or old-class mIoU.
+    metric: Literal["all", "hiou", "old"] = "all"
+    # asha: per schedule, the incremental step is the time axis; none: every trial runs out.
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    # 0 = as many concurrent trials as the cluster fits.
+    max_concurrent: int = 0
+    # CPUs of a trial's driver (its TorchTrainers' workers take engine.cpus_per_worker each).
+    trial_cpus: float = 0.05
+    max_failures: int = 1
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -247,6 +287,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # Value rules beyond the types: key -> (predicate, what is allowed).
@@ -256,6 +297,10 @@ def _positive(v: Any) -> bool:
 
 def _non_negative(v: Any) -> bool:
     return v is None or v >= 0
+
+
+def _log_range(v: Any) -> bool:
+    return v is None or (len(v) == 2 and 0 < v[0] <= v[1])
 
 
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
@@ -302,6 +347,19 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "engine.cpus_per_worker": (_positive, "a positive number"),
     "engine.gpus_per_worker": (_positive, "a positive number"),
     "engine.max_failures": (lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)"),
+    "tune.num_samples": (_positive, "a positive integer"),
+    "tune.grace_period": (_positive, "a positive integer"),
+    "tune.reduction_factor": (lambda v: v > 1, "a number > 1"),
+    "tune.max_concurrent": (_non_negative, "an integer >= 0"),
+    "tune.trial_cpus": (_non_negative, "a number >= 0"),
+    "tune.max_failures": (lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)"),
+    "tune.space.lambda_int": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
+    "tune.space.lambda_ext": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
+    "tune.space.lambda_kd": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
+    "tune.space.tau": (lambda v: v is None or (len(v) > 0 and all(t > 0 for t in v)),
+                       "null or a non-empty list of positive numbers"),
+    "tune.space.stats": (lambda v: v is None or (len(v) > 0 and all(len(s) > 0 for s in v)),
+                         "null or a non-empty list of non-empty statistic lists"),
     "eval.every_n_epochs": (_non_negative, "an integer >= 0"),
     "eval.batch_size": (_positive, "a positive integer"),
     "logging.log_every": (_positive, "a positive integer"),

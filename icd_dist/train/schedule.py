@@ -59,7 +59,7 @@ def prepare_shards(cfg: Config, log: Log) -> tuple[str, str]:
     return str(Path(train).resolve()), str(Path(evals).resolve())
 
 
-def _init_ray(cfg: Config) -> bool:
+def init_ray(cfg: Config) -> bool:
     """Attach to RAY_ADDRESS's cluster or start a local one; True if this call started it."""
     import ray
 
@@ -75,7 +75,8 @@ def _init_ray(cfg: Config) -> bool:
     return True
 
 
-def _use_gpu(cfg: Config) -> bool:
+def use_gpu(cfg: Config) -> bool:
+    """Whether the step workers get GPUs: engine.device, or auto = the cluster has some."""
     import ray
 
     if cfg.engine.device == "cuda":
@@ -85,17 +86,17 @@ def _use_gpu(cfg: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def fit_step(job: StepJob, storage: Storage, use_gpu: bool) -> None:
+def fit_step(job: StepJob, storage: Storage, gpu: bool) -> None:
     """Run one step's TorchTrainer to completion (resuming its latest epoch checkpoint)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     e = job.cfg.engine
-    resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if use_gpu else {})}
+    resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(
         train_step_worker,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{job.run_name}-step{job.step}", storage_path=storage.uri("ray"),
@@ -155,9 +156,18 @@ def write_plots(steps: list[dict], folder: Path) -> list[Path]:
     return [miou, bars]
 
 
-def run_schedule(cfg: Config, log: Log | None = None) -> dict:
+StepCallback = Callable[[int, dict], None]
+
+
+def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | None = None,
+                 step0_from: str | None = None, last_step: int | None = None) -> dict:
     """Train every step of the configured task (skipping finished ones); returns the summary
-    (also written as summary.json in the run folder)."""
+    (also written as summary.json in the run folder).
+
+    on_step(step, metrics) is called after every step, finished or skipped, the last one
+    after summary.json is written. step0_from is a run folder (path or URI) whose finished
+    step 0 this run takes instead of training its own (a sweep's shared step 0). last_step
+    stops the schedule after that step."""
     import ray
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -174,28 +184,45 @@ def run_schedule(cfg: Config, log: Log | None = None) -> dict:
     storage = Storage(cfg.run.storage_path).child(name)
     storage.makedirs()
     storage.write_bytes("config.yaml", dump_config(cfg).encode())
-    started = _init_ray(cfg)
+    started = init_ray(cfg)
     try:
+        if step0_from and not storage.exists(f"step_0/{DONE}"):
+            copy_finished_step(Storage(step0_from), storage, 0)
+            log(f"step 0: taken from {step0_from}")
         return _run_steps(cfg, task, name, storage, train_dir, eval_dir, train_manifest,
-                          eval_manifest, log)
+                          eval_manifest, log, on_step, last_step)
     finally:
         if started:
             ray.shutdown()
 
 
+def copy_finished_step(source: Storage, dest: Storage, step: int) -> None:
+    """Copy a finished step (its model, metrics and DONE marker, the marker last) from one
+    run folder to another."""
+    folder = f"step_{step}"
+    if not source.exists(f"{folder}/{DONE}"):
+        raise FileNotFoundError(f"{source.uri(folder)} is not a finished step (no {DONE})")
+    for rel in ("model.pt", "metrics.json", DONE):
+        dest.write_bytes(f"{folder}/{rel}", source.read_bytes(f"{folder}/{rel}"))
+
+
 def _run_steps(cfg: Config, task: Task, name: str, storage: Storage, train_dir: str,
-               eval_dir: str, train_manifest, eval_manifest, log: Log) -> dict:
-    use_gpu = _use_gpu(cfg)
+               eval_dir: str, train_manifest, eval_manifest, log: Log,
+               on_step: StepCallback | None, last_step: int | None) -> dict:
+    gpu = use_gpu(cfg)
     log(f"run {name}: {task.dataset} {task.name} ({task.setting}), method {cfg.method.name}, "
         f"{task.num_steps} steps, {cfg.engine.num_workers} workers "
-        f"({'GPU' if use_gpu else 'CPU'}, {cfg.engine.engine}); results in {storage.uri()}")
+        f"({'GPU' if gpu else 'CPU'}, {cfg.engine.engine}); results in {storage.uri()}")
     eval_keys = [s.key for s in eval_manifest.samples]
     results = []
-    for step in range(task.num_steps):
+    final = task.num_steps - 1 if last_step is None else min(last_step, task.num_steps - 1)
+    for step in range(final + 1):
         folder = f"step_{step}"
         if storage.exists(f"{folder}/{DONE}"):
             log(f"step {step}: already complete, skipped")
             results.append(storage.read_json(f"{folder}/metrics.json"))
+            if on_step and step < final:
+                on_step(step, results[-1])
             continue
         keys = selected_keys(train_manifest, task, step)
         if not keys:
@@ -210,18 +237,23 @@ def _run_steps(cfg: Config, task: Task, name: str, storage: Storage, train_dir: 
                       eval_keys, teacher=teacher,
                       failure_marker_dir=str(Path(storage.uri("failures")))
                       if storage.local else "")
-        fit_step(job, storage, use_gpu)
+        fit_step(job, storage, gpu)
         if not storage.exists(f"{folder}/{DONE}"):
             raise RuntimeError(f"step {step} ended without writing its results")
         results.append(storage.read_json(f"{folder}/metrics.json"))
         log(f"after step {step}:\n{format_summary_table(results)}")
         del teacher
+        if on_step and step < final:
+            on_step(step, results[-1])
     summary = {"run": name, "dataset": task.dataset, "task": task.name,
                "setting": task.setting, "method": cfg.method.name,
-               "config": config_to_dict(cfg), "steps": results}
+               "config": config_to_dict(cfg), "complete": final == task.num_steps - 1,
+               "steps": results}
     storage.write_json("summary.json", summary)
     if storage.local:
         write_plots(results, Path(storage.path("")))
     log(f"run {name} complete:\n{format_summary_table(results)}\nsummary: "
         f"{storage.uri('summary.json')}")
+    if on_step:
+        on_step(final, results[-1])
     return summary

@@ -228,7 +228,8 @@ def train_step_worker(config: dict) -> None:
     run_folder = Path(storage.path(job.folder)) if storage.local else \
         Path(tempfile.gettempdir()) / job.run_name / job.folder
     tracker = Tracker(is_chief, wandb_mode(cfg.logging.wandb), run_folder, cfg.logging.project,
-                      cfg.logging.entity, job.run_name, f"{job.run_name}-step{step}",
+                      cfg.logging.entity, cfg.logging.group or job.run_name,
+                      f"{job.run_name}-step{step}",
                       {**config_to_dict(cfg), "step": step})
     global_step = start_epoch * per_epoch // accumulation
     skipped = 0

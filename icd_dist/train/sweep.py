@@ -1,0 +1,476 @@
+"""Ray Tune sweeps of the distillation weights over several incremental schedules at once.
+
+    driver: prepare the shards; per schedule, the step-0 identity (step0_cache.py); train each
+            missing step-0 key once; then one Tune experiment whose trials are
+            (schedule, weights) pairs.
+    trial:  a whole schedule through run_schedule (a TorchTrainer per step), its step 0
+            copied from the cache; after every incremental step it reports its metrics, so a
+            scheduler can stop bad weights early (ASHA per schedule, the step as time axis).
+    end:    tune_summary.json, a table, a plot of the weights against the metric, and the best
+            configurations as YAML files that `python -m icd_dist.run` accepts.
+
+Re-running the same sweep (run.name) restores the Tune experiment: finished trials are kept,
+unfinished ones restart and skip the steps they had finished.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import pickle
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ray.tune import Callback
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+from icd_dist.config import Config, ConfigError, config_to_dict, dump_config, replace
+from icd_dist.css.tasks import task_from_config
+from icd_dist.data.inspect import manifest_spec, selected_keys
+from icd_dist.data.manifest import load_manifest
+from icd_dist.train.schedule import Log, init_ray, prepare_shards, run_schedule, use_gpu
+from icd_dist.train.step0_cache import Step0Cache, step0_identity, step0_key
+from icd_dist.train.storage import Storage
+from icd_dist.train.tracking import Tracker, wandb_mode
+
+# Searched name -> config key.
+PARAM_KEYS = {"lambda_int": "loss.icd.lambda_int", "lambda_ext": "loss.icd.lambda_ext",
+              "lambda_kd": "loss.lambda_kd", "tau": "loss.icd.tau", "stats": "loss.icd.stats"}
+METRIC_KEYS = {"all": "miou_all", "hiou": "hiou", "old": "miou_old"}
+SUMMARY_NAME = "tune_summary.json"
+
+
+def sweep_name(cfg: Config) -> str:
+    """run.name, or "sweep-{dataset}-{method}-{time}"."""
+    if cfg.run.name:
+        return cfg.run.name
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"sweep-{cfg.data.dataset}-{cfg.method.name}-{stamp}"
+
+
+def with_params(cfg: Config, params: Mapping[str, object]) -> Config:
+    """`cfg` with the searched parameters (PARAM_KEYS names) set."""
+    unknown = sorted(set(params) - set(PARAM_KEYS))
+    if unknown:
+        raise ValueError(f"unknown search parameter {unknown[0]!r}; "
+                         f"allowed: {', '.join(PARAM_KEYS)}")
+    return replace(cfg, [f"{PARAM_KEYS[k]}={json.dumps(v)}" for k, v in params.items()])
+
+
+def search_space(cfg: Config) -> dict:
+    """The Tune search space of the sampled parameters (schedule excluded)."""
+    from ray import tune
+
+    space = cfg.tune.space
+    out: dict = {}
+    for name in ("lambda_int", "lambda_ext", "lambda_kd"):
+        bounds = getattr(space, name)
+        if bounds is not None:
+            out[name] = tune.loguniform(*bounds) if bounds[0] < bounds[1] else bounds[0]
+    if space.tau is not None:
+        out["tau"] = tune.choice(list(space.tau))
+    if space.stats is not None:
+        out["stats"] = tune.choice([list(s) for s in space.stats])
+    if not out:
+        raise ConfigError("tune.space", "searches nothing: give at least one dimension")
+    return out
+
+
+class PerScheduleASHA(FIFOScheduler):
+    """ASHA per schedule: trials are compared only with trials of the same schedule (a 6-1
+    step has other numbers than a 6-5 step), with the incremental step as the time axis.
+    A trial scheduler for Tune, delegating to one AsyncHyperBandScheduler per schedule."""
+
+    def __init__(self, last_steps: Mapping[str, int], grace_period: int,
+                 reduction_factor: float):
+        super().__init__()
+        self._metric, self._mode = "score", "max"
+        self.by_schedule = {
+            name: AsyncHyperBandScheduler(
+                time_attr="step", metric="score", mode="max", max_t=max(last, 1),
+                grace_period=min(grace_period, max(last, 1)), reduction_factor=reduction_factor,
+                stop_last_trials=False)
+            for name, last in last_steps.items()}
+
+    def _sub(self, trial):
+        return self.by_schedule[trial.config["schedule"]]
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        """The metric is fixed ("score", maximised)."""
+        return metric in (None, "score") and mode in (None, "max")
+
+    def on_trial_add(self, controller, trial):
+        self._sub(trial).on_trial_add(controller, trial)
+
+    def on_trial_result(self, controller, trial, result):
+        return self._sub(trial).on_trial_result(controller, trial, result)
+
+    def on_trial_complete(self, controller, trial, result):
+        self._sub(trial).on_trial_complete(controller, trial, result)
+
+    def on_trial_remove(self, controller, trial):
+        sub = self._sub(trial)
+        if trial.trial_id in sub._trial_info:
+            sub.on_trial_remove(controller, trial)
+
+    def on_trial_error(self, controller, trial):
+        self.on_trial_remove(controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{name}: {sub.debug_string()}" for name, sub in self.by_schedule.items())
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.by_schedule, f)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as f:
+            self.by_schedule = pickle.load(f)
+
+
+def _score(metrics: Mapping, metric: str) -> float:
+    value = metrics.get(METRIC_KEYS[metric])
+    return 0.0 if value is None else float(value)
+
+
+def sweep_trial(config: dict, base: dict, sweep_root: str, cache_root: str,
+                step0_keys: Mapping[str, str], metric: str) -> None:
+    """One trial: the schedule config["schedule"] with the sampled weights, step 0 from the
+    cache, a report after every incremental step."""
+    from ray import tune
+
+    from icd_dist.config import config_from_dict
+
+    trial_id = tune.get_context().get_trial_id()
+    schedule = config["schedule"]
+    params = {k: v for k, v in config.items() if k != "schedule"}
+    trials = Storage(sweep_root).child("trials")
+    cfg = with_params(replace(config_from_dict(base), [
+        f"task.name={schedule}", f"run.name={trial_id}", f"run.storage_path={trials.uri()}",
+        f"logging.group={Path(sweep_root).name}"]), params)
+    run = trials.child(trial_id)
+    run.makedirs()
+    attempts = list(run.read_json("attempts.json")) if run.exists("attempts.json") else []
+    run.write_json("attempts.json", [*attempts, dt.datetime.now().isoformat(timespec="seconds")])
+    run.write_json("params.json", {"schedule": schedule, **params})
+
+    def report(step: int, metrics: dict) -> None:
+        if step == 0:
+            return  # the shared step 0 says nothing about the weights
+        tune.report({"step": step, "score": _score(metrics, metric), "schedule": schedule,
+                     **{k: metrics.get(k) for k in ("miou_all", "miou_old", "miou_new",
+                                                    "hiou")}})
+
+    run_schedule(cfg, on_step=report,
+                 step0_from=Step0Cache(cache_root).run_folder(step0_keys[schedule]).uri())
+
+
+class WandbTrialRuns(Callback):
+    """One W&B run per trial in the sweep's group, logging what the trial reports after each
+    step (the step workers log their own runs in the same group). Runs in the driver."""
+
+    def __init__(self, cfg: Config, group: str, mode: str, storage: Storage):
+        self.cfg, self.group, self.mode = cfg, group, mode
+        self.folder = Path(storage.path("wandb")) if storage.local else \
+            Path(tempfile.gettempdir()) / group / "wandb"
+        self.runs: dict[str, Tracker] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id not in self.runs:
+            lc = self.cfg.logging
+            self.runs[trial.trial_id] = Tracker(True, self.mode, self.folder, lc.project,
+                                                lc.entity, self.group, trial.trial_id,
+                                                dict(trial.config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run = self.runs.get(trial.trial_id)
+        if run is not None:
+            run.log({k: result[k] for k in ("score", "miou_all", "miou_old", "miou_new", "hiou")
+                     if result.get(k) is not None}, step=int(result["step"]))
+
+    def _finish(self, trial):
+        run = self.runs.pop(trial.trial_id, None)
+        if run is not None:
+            run.finish()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial)
+
+
+def _concurrency(cfg: Config, gpus: bool) -> int:
+    import ray
+
+    if cfg.tune.max_concurrent:
+        return cfg.tune.max_concurrent
+    resources = ray.cluster_resources()
+    e = cfg.engine
+    if gpus:
+        return max(1, int(resources.get("GPU", 0) // (e.num_workers * e.gpus_per_worker)))
+    per_trial = e.num_workers * e.cpus_per_worker + cfg.tune.trial_cpus
+    return max(1, int(resources.get("CPU", 1) // per_trial))
+
+
+def _tuner(cfg: Config, trainable, space: dict, schedules: Sequence[str],
+           last_steps: Mapping[str, int], storage: Storage, name: str,
+           points: Sequence[Mapping] | None, concurrency: int):
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    t = cfg.tune
+    if t.search == "random":
+        # Each sampled weight set runs on every schedule (constant over the schedule grid).
+        search = BasicVariantGenerator(points_to_evaluate=list(points or []) or None,
+                                       constant_grid_search=True, random_state=t.seed,
+                                       max_concurrent=concurrency)
+        param_space = {"schedule": tune.grid_search(list(schedules)), **space}
+    else:
+        from ray.tune.search.optuna import OptunaSearch
+
+        param_space = {"schedule": tune.choice(list(schedules)), **space}
+        search = ConcurrencyLimiter(OptunaSearch(
+            metric="score", mode="max", seed=t.seed,
+            points_to_evaluate=list(points or []) or None), max_concurrent=concurrency)
+    scheduler = PerScheduleASHA(last_steps, t.grace_period, t.reduction_factor) \
+        if t.scheduler == "asha" else None
+    mode = wandb_mode(cfg.logging.wandb)
+    callbacks = [] if mode == "disabled" else [WandbTrialRuns(cfg, name, mode, storage)]
+    run_config = tune.RunConfig(
+        name="tune", storage_path=storage.uri(), callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=1)
+    tune_config = tune.TuneConfig(
+        metric="score", mode="max", search_alg=search, scheduler=scheduler,
+        num_samples=t.num_samples)
+    path = storage.uri("tune")
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True, param_space=param_space), True
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                      run_config=run_config), False
+
+
+def run_sweep(cfg: Config, log: Log | None = None,
+              points: Sequence[Mapping] | None = None) -> dict:
+    """Run (or resume) the sweep of `cfg.tune`; returns the summary also written as
+    tune_summary.json. `points` are weight sets to evaluate first (e.g. the shipped
+    defaults), each a mapping of the searched names."""
+    import ray
+    from ray import tune
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if cfg.method.name != "icd" and any(
+            getattr(cfg.tune.space, k) is not None for k in ("lambda_int", "lambda_ext", "tau",
+                                                              "stats")):
+        raise ConfigError("method.name", f"the sweep searches ICD weights; got method "
+                          f"{cfg.method.name!r} (use an icd config or null those dimensions)")
+    name = sweep_name(cfg)
+    storage = Storage(cfg.run.storage_path).child(name)
+    storage.makedirs()
+    train_dir, eval_dir = prepare_shards(cfg, log)
+    cfg = replace(cfg, [f"data.train_shards={train_dir}", f"data.eval_shards={eval_dir}",
+                        f"run.name={name}"])
+    storage.write_bytes("config.yaml", dump_config(cfg).encode())
+    manifest = load_manifest(train_dir)
+    spec = manifest_spec(manifest)
+    schedules = list(cfg.tune.schedules) or [cfg.task.name]
+    keys, last_steps, identities = {}, {}, {}
+    for schedule in schedules:
+        sched_cfg = replace(cfg, [f"task.name={schedule}"])
+        task = task_from_config(sched_cfg, spec)
+        if task.num_steps < 2:
+            raise ConfigError("tune.schedules", f"{schedule!r} has one step: nothing to distil")
+        identity = step0_identity(sched_cfg, task, selected_keys(manifest, task, 0))
+        keys[schedule] = step0_key(identity)
+        identities[keys[schedule]] = (identity, sched_cfg)
+        last_steps[schedule] = task.num_steps - 1
+    space = search_space(cfg)
+    cache = Step0Cache(cfg.run.storage_path)
+    started = init_ray(cfg)
+    try:
+        trained = []
+        for key, (identity, sched_cfg) in identities.items():
+            shared = [s for s in schedules if keys[s] == key]
+            if cache.is_ready(key):
+                log(f"step 0 {key} ({', '.join(shared)}): reused from "
+                    f"{cache.run_folder(key).uri()}")
+                continue
+            log(f"step 0 {key} ({', '.join(shared)}): training it once for the sweep")
+            cache.train(sched_cfg, key, identity, log, by=name)
+            trained.append(key)
+        concurrency = _concurrency(cfg, use_gpu(cfg))
+        trainable = tune.with_resources(
+            tune.with_parameters(sweep_trial, base=config_to_dict(cfg),
+                                 sweep_root=storage.uri(), cache_root=cfg.run.storage_path,
+                                 step0_keys=keys, metric=cfg.tune.metric),
+            {"cpu": cfg.tune.trial_cpus})
+        tuner, restored = _tuner(cfg, trainable, space, schedules, last_steps, storage, name,
+                                 points, concurrency)
+        log(f"sweep {name}: {'resuming' if restored else 'starting'}; schedules "
+            f"{', '.join(schedules)}; up to {concurrency} trials at once; results in "
+            f"{storage.uri()}")
+        grid = tuner.fit()
+        summary = summarize(cfg, name, storage, grid, schedules, last_steps, keys, cache)
+    finally:
+        if started:
+            ray.shutdown()
+    return summary
+
+
+def _trial_rows(storage: Storage, grid, last_steps: Mapping[str, int], metric: str) -> list:
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        config = dict(result.config or {})
+        schedule = config.pop("schedule", None)
+        run = storage.child("trials").child(trial_id)
+        steps = []
+        for step in range(last_steps.get(schedule, -1) + 1):
+            if run.exists(f"step_{step}/metrics.json"):
+                m = run.read_json(f"step_{step}/metrics.json")
+                steps.append({k: m.get(k) for k in ("step", "miou_old", "miou_new", "miou_all",
+                                                    "hiou", "seconds")})
+        reached = steps[-1]["step"] if steps else -1
+        if result.error is not None:
+            status = "error"
+        elif reached == last_steps.get(schedule):
+            status = "finished"
+        else:
+            status = "stopped"
+        attempts = run.read_json("attempts.json") if run.exists("attempts.json") else []
+        rows.append({
+            "trial_id": trial_id, "schedule": schedule, "params": config, "status": status,
+            "last_step": reached, "steps": steps, "attempts": len(attempts),
+            "score": _score(steps[-1], metric) if steps and status == "finished" else None,
+            "error": str(result.error)[:500] if result.error is not None else None})
+    return sorted(rows, key=lambda r: (r["schedule"] or "", r["trial_id"]))
+
+
+def _param_key(params: Mapping) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def summarize(cfg: Config, name: str, storage: Storage, grid, schedules: Sequence[str],
+              last_steps: Mapping[str, int], keys: Mapping[str, str], cache: Step0Cache) -> dict:
+    """tune_summary.json, the best YAMLs, the plot and the printed table of a finished sweep."""
+    rows = _trial_rows(storage, grid, last_steps, cfg.tune.metric)
+    best_per_schedule = {}
+    for schedule in schedules:
+        done = [r for r in rows if r["schedule"] == schedule and r["score"] is not None]
+        if done:
+            best = max(done, key=lambda r: r["score"])
+            best_per_schedule[schedule] = {"trial_id": best["trial_id"], "score": best["score"],
+                                           "params": best["params"]}
+    # Overall: the weight set with the best mean over schedules of its score relative to the
+    # schedule's best (schedules have different scales); sets run on every schedule first.
+    by_params: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["score"] is not None:
+            by_params.setdefault(_param_key(r["params"]), {})[r["schedule"]] = r["score"]
+    overall = None
+    if by_params:
+        complete = {k: v for k, v in by_params.items() if len(v) == len(schedules)}
+        pool = complete or by_params
+        def relative(scores):  # noqa: E306
+            return sum(s / max(best_per_schedule[k]["score"], 1e-12)
+                       for k, s in scores.items()) / len(scores)
+        best_key = max(pool, key=lambda k: relative(pool[k]))
+        overall = {"params": json.loads(best_key), "relative_score": relative(pool[best_key]),
+                   "scores": pool[best_key], "on_every_schedule": bool(complete)}
+    files = {}
+    for schedule, best in best_per_schedule.items():
+        files[schedule] = _write_best(cfg, storage, f"best_{schedule}.yaml", schedule,
+                                      best["params"], f"{name}-best-{schedule}")
+    if overall:
+        files["overall"] = _write_best(cfg, storage, "best.yaml", schedules[0],
+                                       overall["params"], f"{name}-best")
+    step0 = {}
+    for key in sorted(set(keys.values())):
+        trainings = cache.trainings(key)
+        step0[key] = {"schedules": [s for s in schedules if keys[s] == key],
+                      "trainings": len(trainings),
+                      "reused_by_trials": sum(1 for r in rows if keys.get(r["schedule"]) == key
+                                              and r["steps"])}
+    summary = {
+        "sweep": name, "dataset": cfg.data.dataset, "method": cfg.method.name,
+        "metric": cfg.tune.metric, "search": cfg.tune.search, "scheduler": cfg.tune.scheduler,
+        "schedules": {s: {"steps": last_steps[s] + 1, "step0_key": keys[s]} for s in schedules},
+        "step0": {"keys": step0, "trainings_run": sum(v["trainings"] for v in step0.values()),
+                  "reused": sum(v["reused_by_trials"] for v in step0.values())},
+        "trials": rows, "best_per_schedule": best_per_schedule, "best_overall": overall,
+        "best_configs": files, "config": config_to_dict(cfg),
+    }
+    storage.write_json(SUMMARY_NAME, summary)
+    if storage.local:
+        write_sweep_plot(rows, cfg.tune.metric, Path(storage.path("weights_vs_metric.png")))
+    print(format_sweep_table(summary), flush=True)
+    print(f"summary: {storage.uri(SUMMARY_NAME)}", flush=True)
+    return summary
+
+
+def _write_best(cfg: Config, storage: Storage, filename: str, schedule: str,
+                params: Mapping, run_name: str) -> str:
+    best = with_params(replace(cfg, [f"task.name={schedule}", f"run.name={run_name}"]), params)
+    storage.write_bytes(filename, dump_config(best).encode())
+    return storage.uri(filename)
+
+
+def format_sweep_table(summary: Mapping) -> str:
+    """A console table of the trials (one line each) and the best weights."""
+    names = sorted({k for r in summary["trials"] for k in r["params"]})
+    head = f"{'trial':<14}{'schedule':>9}" + "".join(f"{n:>13}" for n in names) + \
+        f"{'status':>10}{'step':>6}{'score':>8}"
+    lines = [head, "-" * len(head)]
+    for r in summary["trials"]:
+        cells = ""
+        for n in names:
+            v = r["params"].get(n)
+            cells += f"{v:>13.4g}" if isinstance(v, float) else f"{str(v):>13}"
+        score = "-" if r["score"] is None else f"{100 * r['score']:.2f}"
+        lines.append(f"{r['trial_id'][-14:]:<14}{r['schedule']:>9}{cells}{r['status']:>10}"
+                     f"{r['last_step']:>6}{score:>8}")
+    s0 = summary["step0"]
+    lines.append(f"step 0: {len(s0['keys'])} key(s), {s0['trainings_run']} training(s), "
+                 f"reused by {s0['reused']} trial(s)")
+    for schedule, best in summary["best_per_schedule"].items():
+        lines.append(f"best on {schedule}: {100 * best['score']:.2f} with {best['params']}")
+    if summary["best_overall"]:
+        lines.append(f"best overall: {summary['best_overall']['params']} "
+                     f"-> {summary['best_configs'].get('overall')}")
+    return "\n".join(lines)
+
+
+def write_sweep_plot(rows: Sequence[Mapping], metric: str, path: Path) -> Path | None:
+    """Each numeric searched weight against the final metric, one colour per schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["score"] is not None]
+    names = sorted({k for r in done for k, v in r["params"].items()
+                    if isinstance(v, (int, float))})
+    if not done or not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
+    for ax, n in zip(axes[0], names, strict=True):
+        for schedule in sorted({r["schedule"] for r in done}):
+            pts = [(r["params"][n], 100 * r["score"]) for r in done
+                   if r["schedule"] == schedule and n in r["params"]]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=schedule)
+        if all(r["params"].get(n, 1) > 0 for r in done):
+            ax.set_xscale("log")
+        ax.set_xlabel(n)
+        ax.set_ylabel(f"final {metric} mIoU (%)" if metric != "hiou" else "final hIoU (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+

@@ -1,0 +1,148 @@
+"""`python -m icd_dist.tune` on local Ray (CPU): a 4-trial sweep over 2 schedules sharing one
+step 0, killed mid-way and resumed; and ASHA stopping a planted bad trial."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+# The demo's synthetic data at a smaller size; one worker per trial with 0.9 CPU, so two
+# trials (0.9 + a 0.05 CPU driver each) train at once on 2 cores.
+SWEEP = [
+    "data.synthetic.num_train=32", "data.synthetic.num_eval=12", "data.synthetic.height=48",
+    "data.synthetic.width=48", "data.crop_size=48", "data.eval_size=48", "optim.epochs=2",
+    "model.head_channels=32", "engine.cpus_per_worker=0.9", "tune.num_samples=2",
+    "logging.wandb=offline", "logging.log_every=1", "logging.num_overlays=1",
+]
+
+
+def tune_cmd(tmp_path, *overrides):
+    return [sys.executable, "-m", "icd_dist.tune", "--config", "configs/tune/demo.yaml",
+            f"data.train_shards={tmp_path}/data/train", f"data.eval_shards={tmp_path}/data/val",
+            f"run.storage_path={tmp_path}/runs", *overrides]
+
+
+def ray_stop():
+    """Stop whatever Ray a killed driver left behind (its local cluster)."""
+    ray = Path(sys.executable).with_name("ray")
+    subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def terminated_trials(sweep: Path) -> set[str]:
+    """Trial ids Tune's last saved experiment state records as TERMINATED."""
+    done = set()
+    for state in sorted((sweep / "tune").glob("experiment_state-*.json")):
+        try:
+            data = json.loads(state.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue  # being rewritten right now
+        for entry in data["trial_data"]:
+            trial = json.loads(entry[0])
+            if trial["status"] == "TERMINATED":
+                done.add(trial["trial_id"])
+    return done
+
+
+def test_sweep_shares_step0_survives_driver_kill_and_writes_runnable_best(tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
+    sweep = tmp_path / "runs" / "tune-demo"
+    with open(tmp_path / "first.log", "w") as first_log:
+        driver = subprocess.Popen(tune_cmd(tmp_path, *SWEEP), cwd=ROOT, env=env,
+                                  start_new_session=True, stdout=subprocess.DEVNULL,
+                                  stderr=first_log)
+    try:
+        # Kill the driver once at least one trial is recorded finished and the sweep is not.
+        while not terminated_trials(sweep):
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(1)
+        assert not (sweep / "tune_summary.json").exists(), "the sweep ended before the kill"
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        ray_stop()
+    finished_before = terminated_trials(sweep)
+    attempts_before = {t: json.loads((sweep / "trials" / t / "attempts.json").read_text())
+                       for t in finished_before}
+    try:
+        resumed = subprocess.run(tune_cmd(tmp_path, *SWEEP), cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=900)
+    finally:
+        ray_stop()
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming" in resumed.stderr
+
+    summary = json.loads((sweep / "tune_summary.json").read_text())
+    trials = summary["trials"]
+    assert len(trials) == 4
+    assert sorted(t["schedule"] for t in trials) == ["2-1", "2-1", "2-2", "2-2"]
+    assert all(t["status"] in ("finished", "stopped") for t in trials), trials
+    # Random search: each sampled weight set ran on both schedules.
+    weights = {json.dumps(t["params"], sort_keys=True) for t in trials}
+    assert len(weights) == 2
+    # 2-1 and 2-2 share step 0: one key, trained once, copied by every trial.
+    step0 = summary["step0"]
+    assert len(step0["keys"]) == 1 and step0["trainings_run"] == 1
+    assert step0["reused"] == 4
+    for t in trials:
+        assert not list((sweep / "trials" / t["trial_id"] / "ray").glob("*step0*"))
+    # Trials finished before the kill were not run again.
+    for trial_id, attempts in attempts_before.items():
+        now = json.loads((sweep / "trials" / trial_id / "attempts.json").read_text())
+        assert now == attempts, f"{trial_id} ran again after the resume"
+    # Output: best configs, the plot, one W&B run per trial in the driver's folder.
+    assert set(summary["best_configs"]) == {"2-1", "2-2", "overall"}
+    assert (sweep / "weights_vs_metric.png").stat().st_size > 0
+    assert len(list((sweep / "wandb" / "wandb").glob("offline-run-*"))) >= 4
+    best = yaml.safe_load((sweep / "best.yaml").read_text())
+    assert best["loss"]["icd"]["lambda_int"] == summary["best_overall"]["params"]["lambda_int"]
+
+    ran = subprocess.run([sys.executable, "-m", "icd_dist.run", "--config",
+                          str(sweep / "best.yaml"), f"run.storage_path={tmp_path}/best"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert result["final_miou_all"] is not None
+
+
+def test_asha_stops_a_planted_bad_trial_before_its_last_step(tmp_path):
+    """Three weight sets run one after the other on a 3-step schedule; the last one has a
+    distillation weight so huge that its loss overflows and its weights turn to NaN (DDP:
+    DeepSpeed would skip the overflowing steps). At step 1 it is far below the two sane
+    trials, so ASHA stops it there."""
+    from icd_dist.config import load_config
+    from icd_dist.train.sweep import run_sweep
+
+    cfg = load_config(ROOT / "configs" / "tune" / "demo.yaml", [
+        f"data.train_shards={tmp_path}/data/train", f"data.eval_shards={tmp_path}/data/val",
+        f"run.storage_path={tmp_path}/runs", "tune.schedules=[2-1]", "tune.max_concurrent=1",
+        "tune.num_samples=3", "optim.epochs_incremental=3", "engine.engine=ddp",
+        "logging.wandb=disabled"])
+    import ray
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_sweep(cfg, points=[{"lambda_int": 0.1, "lambda_ext": 1.0},
+                                         {"lambda_int": 1.0, "lambda_ext": 10.0},
+                                         {"lambda_int": 1e300, "lambda_ext": 10.0}])
+    finally:
+        ray.shutdown()
+    by_weight = {t["params"]["lambda_int"]: t for t in summary["trials"]}
+    assert set(by_weight) == {0.1, 1.0, 1e300}
+    bad = by_weight[1e300]
+    assert bad["status"] == "stopped" and bad["last_step"] == 1, bad
+    for good in (by_weight[0.1], by_weight[1.0]):
+        assert good["status"] == "finished" and good["last_step"] == 2, good
+        assert good["steps"][1]["miou_all"] > bad["steps"][1]["miou_all"]
+    assert summary["best_per_schedule"]["2-1"]["params"]["lambda_int"] in (0.1, 1.0)
