@@ -1,0 +1,72 @@
+"""The parts of the Tune sweep that need no cluster: the step-0 key, the search space, the
+parameter overrides, the per-schedule ASHA routing."""
+
+import pytest
+
+from icd_dist.config import ConfigError, load_config, replace
+from icd_dist.css import get_task
+from icd_dist.css.classes import generic_spec
+from icd_dist.train.step0_cache import step0_identity, step0_key
+from icd_dist.train.sweep import PerScheduleASHA, search_space, with_params
+
+SPEC = generic_spec("synthetic", 5)
+KEYS = [f"s{i}" for i in range(10)]
+
+
+def key_of(cfg, task_name, keys=KEYS):
+    task = get_task(SPEC, task_name, "overlap")
+    return step0_key(step0_identity(cfg, task, keys))
+
+
+def test_step0_key_is_shared_exactly_where_step0_is_the_same():
+    cfg = load_config("configs/tune/demo.yaml")
+    assert key_of(cfg, "2-1") == key_of(cfg, "2-2")  # same step-0 classes
+    assert key_of(cfg, "2-1") != key_of(cfg, "3-1")  # other step-0 classes
+    # Distillation weights and incremental optimisation do not shape step 0 ...
+    for override in ("loss.icd.lambda_int=7", "loss.lambda_kd=0", "optim.lr_incremental=0.1",
+                     "optim.epochs_incremental=1", "method.name=mib"):
+        assert key_of(replace(cfg, [override]), "2-1") == key_of(cfg, "2-1"), override
+    # ... everything that trains step 0 does.
+    for override in ("optim.lr=0.1", "optim.epochs=3", "run.seed=1", "model.head_channels=16",
+                     "data.crop_size=32", "engine.num_workers=2"):
+        assert key_of(replace(cfg, [override]), "2-1") != key_of(cfg, "2-1"), override
+    assert key_of(cfg, "2-1", KEYS[:-1]) != key_of(cfg, "2-1")  # another image set
+
+
+def test_search_space_and_params():
+    from ray.tune.search.sample import Categorical, Float
+
+    cfg = load_config("configs/tune/demo.yaml", ["tune.space.tau=[0.5,1.0]",
+                                                  "tune.space.stats=[[mean],[std,max]]"])
+    space = search_space(cfg)
+    assert set(space) == {"lambda_int", "lambda_ext", "tau", "stats"}
+    assert isinstance(space["lambda_int"], Float) and isinstance(space["tau"], Categorical)
+    assert (space["lambda_ext"].lower, space["lambda_ext"].upper) == (0.1, 1000.0)
+    tuned = with_params(cfg, {"lambda_int": 0.3, "lambda_ext": 40.0, "tau": 0.5,
+                              "stats": ["std", "max"]})
+    assert tuned.loss.icd.lambda_int == 0.3 and tuned.loss.icd.lambda_ext == 40.0
+    assert tuned.loss.icd.tau == 0.5 and tuned.loss.icd.stats == ("std", "max")
+    with pytest.raises(ValueError, match="unknown search parameter 'gamma'"):
+        with_params(cfg, {"gamma": 1})
+    empty = load_config("configs/tune/demo.yaml", ["tune.space.lambda_int=null",
+                                                   "tune.space.lambda_ext=null"])
+    with pytest.raises(ConfigError, match="searches nothing"):
+        search_space(empty)
+
+
+class FakeTrial:
+    def __init__(self, trial_id, schedule):
+        self.trial_id, self.config = trial_id, {"schedule": schedule}
+
+
+def test_per_schedule_asha_compares_only_within_a_schedule():
+    from ray.tune.schedulers import TrialScheduler
+
+    sched = PerScheduleASHA({"6-1": 5, "6-5": 1}, grace_period=1, reduction_factor=2)
+    good, bad, other = FakeTrial("a", "6-1"), FakeTrial("b", "6-1"), FakeTrial("c", "6-5")
+    for t in (good, bad, other):
+        sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, good, {"step": 1, "score": 0.6}) == TrialScheduler.CONTINUE
+    # A 6-5 trial with a low score is not judged against 6-1's numbers.
+    assert sched.on_trial_result(None, other, {"step": 1, "score": 0.1}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, bad, {"step": 1, "score": 0.2}) == TrialScheduler.STOP
