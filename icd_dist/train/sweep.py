@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import pickle
+import re
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -324,7 +325,10 @@ def _trial_rows(storage: Storage, grid, last_steps: Mapping[str, int], metric: s
     rows = []
     for result in grid:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        # A trial that failed before its first report has no metrics: its id is in its folder
+        # name ("sweep_trial_{id}_{index}_...", ids like "f38dc_00003").
+        found = re.search(r"[0-9a-f]{5}_\d{5}", Path(result.path).name)
+        trial_id = metrics.get("trial_id") or (found.group(0) if found else Path(result.path).name)
         config = dict(result.config or {})
         schedule = config.pop("schedule", None)
         run = storage.child("trials").child(trial_id)
