@@ -103,30 +103,38 @@ class PerScheduleASHA(FIFOScheduler):
         return metric in (None, "score") and mode in (None, "max")
 
     def on_trial_add(self, controller, trial):
+        """Register the trial with its schedule's ASHA."""
         self._sub(trial).on_trial_add(controller, trial)
 
     def on_trial_result(self, controller, trial, result):
+        """CONTINUE or STOP, as the trial's schedule's ASHA decides at this step."""
         return self._sub(trial).on_trial_result(controller, trial, result)
 
     def on_trial_complete(self, controller, trial, result):
+        """Record the trial's last result in its schedule's rungs."""
         self._sub(trial).on_trial_complete(controller, trial, result)
 
     def on_trial_remove(self, controller, trial):
+        """Forget the trial (ASHA itself fails on a trial it has already completed)."""
         sub = self._sub(trial)
         if trial.trial_id in sub._trial_info:
             sub.on_trial_remove(controller, trial)
 
     def on_trial_error(self, controller, trial):
+        """Forget a failed trial (Tune may retry it as a new add)."""
         self.on_trial_remove(controller, trial)
 
     def debug_string(self) -> str:
+        """Each schedule's ASHA state."""
         return "\n".join(f"{name}: {sub.debug_string()}" for name, sub in self.by_schedule.items())
 
     def save(self, checkpoint_path: str):
+        """Pickle the per-schedule ASHAs (Tune's experiment checkpoint)."""
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.by_schedule, f)
 
     def restore(self, checkpoint_path: str):
+        """Load what save() wrote (resuming a sweep)."""
         with open(checkpoint_path, "rb") as f:
             self.by_schedule = pickle.load(f)
 

@@ -2,7 +2,8 @@
 
 - eager: the readable reference, losses/icd.py.
 - compiled: moments by torch ops and the small math, the whole under torch.compile (the CPU
-  default; the first call compiles for about a minute, later processes hit the inductor cache).
+  default; the first call in a process compiles for about 40 s on a 2-core CPU, later
+  processes load inductor's on-disk cache).
 - triton: moments by the Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1), the small
   math in torch on the (B, C) and (B, H*W) moments.
 - auto: triton for CUDA features when Triton imports, compiled otherwise.
