@@ -127,12 +127,15 @@ def save_manifest(manifest: Manifest, folder: str | Path) -> Path:
 
 
 def load_manifest(folder: str | Path) -> Manifest:
-    """Read the manifest of a shard folder; a clear error if there is none."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
+    """Read the manifest of a shard folder (a local path or a URI such as s3://bucket/x); a
+    clear error if there is none."""
+    from icd_dist.data import shard_files
+
+    path = shard_files.join(folder, MANIFEST_NAME)
+    if not shard_files.exists(path):
         raise FileNotFoundError(f"no {MANIFEST_NAME} in {folder}: build the shards with "
                                 "`python -m icd_dist.shards build` first")
-    return Manifest.from_json(json.loads(path.read_text()))
+    return Manifest.from_json(json.loads(shard_files.read_bytes(path)))
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -16,11 +16,17 @@ import numpy as np
 from icd_dist.config import ConfigError, DataConfig
 from icd_dist.data.dali_pipeline import DaliLoader, DaliOptions, dali_available
 from icd_dist.data.manifest import load_manifest, write_step_index
+from icd_dist.data.shard_files import is_remote
 from icd_dist.data.torch_pipeline import AugmentConfig, Batch, ShardDataset, make_loader
 
 
 def resolve_pipeline(data: DataConfig, on_gpu: bool) -> str:
-    """'dali' or 'torch' for this worker, from data.pipeline, the device and bad_samples."""
+    """'dali' or 'torch' for this worker, from data.pipeline, the device, bad_samples and
+    where the shards are (DALI reads local files only)."""
+    remote = any(is_remote(d) for d in (data.train_shards, data.eval_shards) if d)
+    if data.pipeline == "dali" and remote:
+        raise ConfigError("data.pipeline", "dali reads local shard files only; shards in an "
+                          "object store need data.pipeline=torch (or auto)")
     if data.pipeline == "dali":
         if data.bad_samples == "skip":
             raise ConfigError("data.pipeline", "dali stops at the first bad sample; use "
@@ -30,7 +36,7 @@ def resolve_pipeline(data: DataConfig, on_gpu: bool) -> str:
         return "dali"
     if data.pipeline == "torch":
         return "torch"
-    use_dali = on_gpu and data.bad_samples == "fail" and dali_available()
+    use_dali = on_gpu and not remote and data.bad_samples == "fail" and dali_available()
     return "dali" if use_dali else "torch"
 
 

@@ -6,21 +6,19 @@ by the names stored in a tar, so a hostile shard cannot write files.
 
 from __future__ import annotations
 
-import os
-from typing import BinaryIO
-
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from icd_dist.data.errors import BadSampleError
 from icd_dist.data.manifest import SampleRecord
+from icd_dist.data.shard_files import ShardFile
 
 
-def read_member(f: BinaryIO, offset: int, size: int, shard: str, key: str, what: str) -> bytes:
-    """`size` bytes at `offset` of an open shard; BadSampleError if the shard is truncated.
-    Uses pread: no shared file position, so forked loader workers may share the file."""
-    data = os.pread(f.fileno(), size, offset)
+def read_member(f: ShardFile, offset: int, size: int, shard: str, key: str, what: str) -> bytes:
+    """`size` bytes at `offset` of an open shard (local or remote); BadSampleError if the
+    shard is truncated."""
+    data = f.read_at(size, offset)
     if len(data) != size:
         raise BadSampleError(f"shard is truncated: {what} needs {size} bytes at {offset}, "
                              f"got {len(data)}", key, shard)

@@ -21,6 +21,7 @@ from icd_dist.css.remap import apply_lut
 from icd_dist.data.errors import BadSampleError
 from icd_dist.data.manifest import load_manifest
 from icd_dist.data.sample_io import decode_sample, read_member
+from icd_dist.data.shard_files import ShardFile, exists, is_remote, join
 from icd_dist.data.transforms import eval_transform, normalize, train_transform
 
 
@@ -43,7 +44,7 @@ class ShardDataset(Dataset):
                  augment: AugmentConfig, seed: int = 0, bad_samples: str = "fail"):
         if bad_samples not in ("fail", "skip"):
             raise ValueError(f"bad_samples must be 'fail' or 'skip', got {bad_samples!r}")
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir = str(shard_dir) if is_remote(shard_dir) else Path(shard_dir)
         manifest = load_manifest(self.shard_dir)
         self.num_classes = manifest.num_classes
         if keys is None:
@@ -78,11 +79,16 @@ class ShardDataset(Dataset):
     def _file(self, shard: str):
         f = self._files.get(shard)
         if f is None:
-            path = self.shard_dir / shard
-            if not path.is_file():
+            path = join(self.shard_dir, shard)
+            if not exists(path):
                 raise BadSampleError("shard file is missing", shard=shard)
-            f = self._files[shard] = open(path, "rb")  # noqa: SIM115 - cached per worker
+            f = self._files[shard] = ShardFile(path)  # cached per loader worker
         return f
+
+    @property
+    def remote(self) -> bool:
+        """Whether the shards are read from an object store."""
+        return is_remote(self.shard_dir)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded (image uint8 (3, H, W), label uint8 (H, W)) of sample `index`, unaugmented."""
@@ -177,7 +183,10 @@ def make_loader(dataset: ShardDataset, batch_size: int, rank: int = 0, world_siz
         sampler.set_epoch(epoch)
     else:
         sampler = ContiguousShardSampler(len(dataset), rank, world_size)
+    # Object-store clients are not fork-safe once used (the manifest was read through one):
+    # loader workers of remote shards are spawned, and open their own.
+    context = "spawn" if dataset.remote and num_workers > 0 else None
     return NormalizingLoader(DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         collate_fn=collate_skipping_bad, drop_last=False, persistent_workers=False,
-        pin_memory=torch.cuda.is_available()))
+        pin_memory=torch.cuda.is_available(), multiprocessing_context=context))

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from icd_dist.data.errors import BadSampleError
 from icd_dist.data.manifest import load_manifest, sha256_of
 from icd_dist.data.sample_io import decode_sample, read_member
+from icd_dist.data.shard_files import ShardFile
 
 
 @dataclass
@@ -59,7 +60,7 @@ def verify_shards(folder: str | Path, decode: bool = False, progress: bool = Tru
         if not decode:
             bar.update(1)
             continue
-        with open(path, "rb") as f:
+        with ShardFile(path) as f:
             for rec in records:
                 try:
                     jpg = read_member(f, *rec.image, shard.name, rec.key, "image")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from icd_dist.config import Config, ConfigError, config_to_dict, dump_config
 from icd_dist.css.tasks import Task, task_from_config
+from icd_dist.data import shard_files
 from icd_dist.data.inspect import manifest_spec, selected_keys
 from icd_dist.data.manifest import MANIFEST_NAME, load_manifest
 from icd_dist.data.synthetic import build_synthetic
@@ -47,16 +48,17 @@ def prepare_shards(cfg: Config, log: Log) -> tuple[str, str]:
     if cfg.data.dataset == "synthetic":
         s = cfg.data.synthetic
         for folder, num, seed in ((train, s.num_train, s.seed), (evals, s.num_eval, s.seed + 1)):
-            if not (Path(folder) / MANIFEST_NAME).is_file():
+            if not shard_files.is_remote(folder) and not (Path(folder) / MANIFEST_NAME).is_file():
                 log(f"building the synthetic dataset in {folder} ({num} samples)")
                 build_synthetic(folder, num, s.classes, (s.height, s.width), seed=seed,
                                 progress=False)
     for folder in (train, evals):
-        if not (Path(folder) / MANIFEST_NAME).is_file():
+        if not shard_files.exists(shard_files.join(folder, MANIFEST_NAME)):
             raise FileNotFoundError(f"no shards in {folder}: build them with `python -m "
                                     "icd_dist.shards build ...` (see the README)")
-    # workers run in other directories: hand them absolute paths
-    return str(Path(train).resolve()), str(Path(evals).resolve())
+    # workers run in other directories: hand them absolute paths (URIs stay as they are)
+    return tuple(f if shard_files.is_remote(f) else str(Path(f).resolve())
+                 for f in (train, evals))
 
 
 def init_ray(cfg: Config) -> bool:
