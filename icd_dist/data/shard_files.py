@@ -53,12 +53,11 @@ class ShardFile:
 
     def __init__(self, location: str | Path):
         self.location = str(location)
+        self._fd = self._remote = None  # set before opening, so close() always works
         if is_remote(location):
             fs, path = _filesystem(self.location)
             self._remote = fs.open_input_file(path)
-            self._fd = None
         else:
-            self._remote = None
             self._fd = os.open(self.location, os.O_RDONLY)
 
     def read_at(self, size: int, offset: int) -> bytes:
