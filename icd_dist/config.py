@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -655,6 +656,13 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def dump_config(cfg: Config) -> str:
     """The resolved config as a YAML document."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def override(key: str, value: Any) -> str:
+    """A `key=value` override that sets exactly `value`: the value is written as JSON (a YAML
+    subset), so a string such as "93760_00000" or "10" stays a string instead of being read
+    as a number."""
+    return f"{key}={json.dumps(value)}"
 
 
 def replace(cfg: Config, overrides: Sequence[str]) -> Config:

@@ -16,7 +16,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 
-from icd_dist.config import Config, config_to_dict, replace
+from icd_dist.config import Config, config_to_dict, override, replace
 from icd_dist.css.tasks import Task
 from icd_dist.train.schedule import run_schedule
 from icd_dist.train.step_worker import DONE
@@ -76,7 +76,8 @@ class Step0Cache:
         folder.makedirs()
         folder.write_json("identity.json", identity)
         started = dt.datetime.now().isoformat(timespec="seconds")
-        step_cfg = replace(cfg, [f"run.name={key}", f"run.storage_path={self.root.uri()}"])
+        step_cfg = replace(cfg, [override("run.name", key),
+                                 override("run.storage_path", self.root.uri())])
         run_schedule(step_cfg, log=log, last_step=0)
         folder.write_json("trainings.json", [*self.trainings(key), {"started": started,
                                                                    "by": by}])

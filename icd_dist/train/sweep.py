@@ -27,7 +27,7 @@ from pathlib import Path
 from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from icd_dist.config import Config, ConfigError, config_to_dict, dump_config, replace
+from icd_dist.config import Config, ConfigError, config_to_dict, dump_config, override, replace
 from icd_dist.css.tasks import task_from_config
 from icd_dist.data.inspect import manifest_spec, selected_keys
 from icd_dist.data.manifest import load_manifest
@@ -57,7 +57,7 @@ def with_params(cfg: Config, params: Mapping[str, object]) -> Config:
     if unknown:
         raise ValueError(f"unknown search parameter {unknown[0]!r}; "
                          f"allowed: {', '.join(PARAM_KEYS)}")
-    return replace(cfg, [f"{PARAM_KEYS[k]}={json.dumps(v)}" for k, v in params.items()])
+    return replace(cfg, [override(PARAM_KEYS[k], v) for k, v in params.items()])
 
 
 def search_space(cfg: Config) -> dict:
@@ -157,8 +157,9 @@ def sweep_trial(config: dict, base: dict, sweep_root: str, cache_root: str,
     params = {k: v for k, v in config.items() if k != "schedule"}
     trials = Storage(sweep_root).child("trials")
     cfg = with_params(replace(config_from_dict(base), [
-        f"task.name={schedule}", f"run.name={trial_id}", f"run.storage_path={trials.uri()}",
-        f"logging.group={Path(sweep_root).name}"]), params)
+        override("task.name", schedule), override("run.name", trial_id),
+        override("run.storage_path", trials.uri()),
+        override("logging.group", Path(sweep_root).name)]), params)
     run = trials.child(trial_id)
     run.makedirs()
     attempts = list(run.read_json("attempts.json")) if run.exists("attempts.json") else []
@@ -280,15 +281,15 @@ def run_sweep(cfg: Config, log: Log | None = None,
     storage = Storage(cfg.run.storage_path).child(name)
     storage.makedirs()
     train_dir, eval_dir = prepare_shards(cfg, log)
-    cfg = replace(cfg, [f"data.train_shards={train_dir}", f"data.eval_shards={eval_dir}",
-                        f"run.name={name}"])
+    cfg = replace(cfg, [override("data.train_shards", train_dir),
+                        override("data.eval_shards", eval_dir), override("run.name", name)])
     storage.write_bytes("config.yaml", dump_config(cfg).encode())
     manifest = load_manifest(train_dir)
     spec = manifest_spec(manifest)
     schedules = list(cfg.tune.schedules) or [cfg.task.name]
     keys, last_steps, identities = {}, {}, {}
     for schedule in schedules:
-        sched_cfg = replace(cfg, [f"task.name={schedule}"])
+        sched_cfg = replace(cfg, [override("task.name", schedule)])
         task = task_from_config(sched_cfg, spec)
         if task.num_steps < 2:
             raise ConfigError("tune.schedules", f"{schedule!r} has one step: nothing to distil")
@@ -426,7 +427,8 @@ def summarize(cfg: Config, name: str, storage: Storage, grid, schedules: Sequenc
 
 def _write_best(cfg: Config, storage: Storage, filename: str, schedule: str,
                 params: Mapping, run_name: str) -> str:
-    best = with_params(replace(cfg, [f"task.name={schedule}", f"run.name={run_name}"]), params)
+    best = with_params(replace(cfg, [override("task.name", schedule),
+                                     override("run.name", run_name)]), params)
     storage.write_bytes(filename, dump_config(best).encode())
     return storage.uri(filename)
 

@@ -70,3 +70,16 @@ def test_per_schedule_asha_compares_only_within_a_schedule():
     # A 6-5 trial with a low score is not judged against 6-1's numbers.
     assert sched.on_trial_result(None, other, {"step": 1, "score": 0.1}) == TrialScheduler.CONTINUE
     assert sched.on_trial_result(None, bad, {"step": 1, "score": 0.2}) == TrialScheduler.STOP
+
+
+def test_override_keeps_strings_that_look_like_numbers():
+    """Tune trial ids can be all digits ("93760_00000" is an int to YAML): the sweep's
+    overrides must set them as strings (found by CI when a trial id happened to be numeric)."""
+    from icd_dist.config import override
+
+    cfg = load_config("configs/tune/demo.yaml")
+    for name in ("93760_00000", "10", "1e5", "null", "true"):
+        assert replace(cfg, [override("run.name", name)]).run.name == name
+    assert replace(cfg, [override("task.name", "15-1")]).task.name == "15-1"
+    assert replace(cfg, [override("loss.icd.stats", ["std", "max"])]).loss.icd.stats == \
+        ("std", "max")
