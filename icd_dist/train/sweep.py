@@ -212,17 +212,25 @@ class WandbTrialRuns(Callback):
         self._finish(trial)
 
 
-def _concurrency(cfg: Config, gpus: bool) -> int:
-    import ray
-
-    if cfg.tune.max_concurrent:
-        return cfg.tune.max_concurrent
-    resources = ray.cluster_resources()
-    e = cfg.engine
+def trial_concurrency(cfg: Config, gpus: bool, resources: Mapping[str, float],
+                      fixed_size: bool) -> int:
+    """How many trials run at once: tune.max_concurrent, or (0) as many as `resources` fit.
+    On a cluster that cannot grow (fixed_size, e.g. the local one), a trial that does not fit
+    at all is a ConfigError: its TorchTrainer would wait forever for CPUs its own driver
+    holds."""
+    e, t = cfg.engine, cfg.tune
+    per_trial_cpus = e.num_workers * e.cpus_per_worker + t.trial_cpus  # GPU workers too
+    if fixed_size and per_trial_cpus > resources.get("CPU", 0) + 1e-9:
+        raise ConfigError("engine.cpus_per_worker", f"one trial needs {per_trial_cpus:g} CPUs "
+                          f"(engine.num_workers x engine.cpus_per_worker + tune.trial_cpus) but "
+                          f"this cluster has {resources.get('CPU', 0):g}; lower "
+                          "engine.cpus_per_worker (e.g. 0.9), engine.num_workers or "
+                          "tune.trial_cpus")
+    if t.max_concurrent:
+        return t.max_concurrent
     if gpus:
         return max(1, int(resources.get("GPU", 0) // (e.num_workers * e.gpus_per_worker)))
-    per_trial = e.num_workers * e.cpus_per_worker + cfg.tune.trial_cpus
-    return max(1, int(resources.get("CPU", 1) // per_trial))
+    return max(1, int(resources.get("CPU", 1) // per_trial_cpus))
 
 
 def _tuner(cfg: Config, trainable, space: dict, schedules: Sequence[str],
@@ -301,7 +309,9 @@ def run_sweep(cfg: Config, log: Log | None = None,
     cache = Step0Cache(cfg.run.storage_path)
     started = init_ray(cfg)
     try:
-        trained = []
+        # A Ray this call started is this machine alone: it cannot grow to fit a trial.
+        concurrency = trial_concurrency(cfg, use_gpu(cfg), ray.cluster_resources(),
+                                        fixed_size=started)
         for key, (identity, sched_cfg) in identities.items():
             shared = [s for s in schedules if keys[s] == key]
             if cache.is_ready(key):
@@ -310,8 +320,6 @@ def run_sweep(cfg: Config, log: Log | None = None,
                 continue
             log(f"step 0 {key} ({', '.join(shared)}): training it once for the sweep")
             cache.train(sched_cfg, key, identity, log, by=name)
-            trained.append(key)
-        concurrency = _concurrency(cfg, use_gpu(cfg))
         trainable = tune.with_resources(
             tune.with_parameters(sweep_trial, base=config_to_dict(cfg),
                                  sweep_root=storage.uri(), cache_root=cfg.run.storage_path,

@@ -83,3 +83,21 @@ def test_override_keeps_strings_that_look_like_numbers():
     assert replace(cfg, [override("task.name", "15-1")]).task.name == "15-1"
     assert replace(cfg, [override("loss.icd.stats", ["std", "max"])]).loss.icd.stats == \
         ("std", "max")
+
+
+def test_trial_concurrency_fits_the_cluster_and_refuses_a_trial_that_cannot_fit():
+    from icd_dist.train.sweep import trial_concurrency
+
+    cfg = load_config("configs/tune/demo.yaml", ["engine.cpus_per_worker=0.9"])
+    two_cores = {"CPU": 2.0}
+    assert trial_concurrency(cfg, False, two_cores, fixed_size=True) == 2  # 0.95 CPU each
+    assert trial_concurrency(replace(cfg, ["tune.max_concurrent=3"]), False, two_cores,
+                             fixed_size=True) == 3
+    assert trial_concurrency(cfg, True, {"CPU": 16, "GPU": 16}, fixed_size=False) == 16
+    # Two 1-CPU workers + the driver's sliver need 2.05 CPUs: on 2 cores the trial's
+    # TorchTrainer would wait forever, so it is an error naming the keys to change.
+    too_big = replace(cfg, ["engine.num_workers=2", "engine.cpus_per_worker=1"])
+    with pytest.raises(ConfigError, match="one trial needs 2.05 CPUs"):
+        trial_concurrency(too_big, False, two_cores, fixed_size=True)
+    # A cluster that can grow (an autoscaler) is trusted to add the CPUs.
+    assert trial_concurrency(too_big, False, two_cores, fixed_size=False) == 1
