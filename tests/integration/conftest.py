@@ -2,6 +2,9 @@
 tiny synthetic-data config."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +41,10 @@ def local_ray():
         yield ray
     finally:
         ray.shutdown()
+
+
+def ray_stop() -> None:
+    """`ray stop --force`: stop whatever Ray a killed driver left behind (its local cluster).
+    It stops every Ray of this machine, which is right for these sequential tests."""
+    ray = Path(sys.executable).with_name("ray")
+    subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)

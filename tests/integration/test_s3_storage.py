@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import ray_stop
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 BUCKET = "icd-runs"
@@ -52,11 +54,6 @@ def s3_env():
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def ray_stop():
-    ray = Path(sys.executable).with_name("ray")
-    subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
 
 
 def exists(client, key) -> bool:

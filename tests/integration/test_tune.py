@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.conftest import ray_stop
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
@@ -29,12 +31,6 @@ def tune_cmd(tmp_path, *overrides):
     return [sys.executable, "-m", "icd_dist.tune", "--config", "configs/tune/demo.yaml",
             f"data.train_shards={tmp_path}/data/train", f"data.eval_shards={tmp_path}/data/val",
             f"run.storage_path={tmp_path}/runs", *overrides]
-
-
-def ray_stop():
-    """Stop whatever Ray a killed driver left behind (its local cluster)."""
-    ray = Path(sys.executable).with_name("ray")
-    subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
 
 
 def terminated_trials(sweep: Path) -> set[str]:
