@@ -8,43 +8,26 @@ icd_dist.run ...` on a cluster.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from icd_dist.config import ConfigError, load_config
+from icd_dist.cli import run_config_command
+from icd_dist.config import Config
+
+
+def run(cfg: Config) -> dict:
+    """Train the schedule of `cfg`; the run name and its final all-mIoU and hIoU."""
+    from icd_dist.train.schedule import run_schedule
+
+    summary = run_schedule(cfg)
+    last = summary["steps"][-1]
+    return {"run": summary["run"], "final_miou_all": last["miou_all"],
+            "final_hiou": last["hiou"]}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the schedule; returns the exit status (0 done, 2 configuration or input error)."""
-    p = argparse.ArgumentParser(prog="python -m icd_dist.run", description=__doc__.split(
-        "\n\n")[0])
-    p.add_argument("--config", required=True, help="experiment YAML (may extend others)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.02")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config "
-                   "and exit")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        from icd_dist.config import dump_config
-
-        print(dump_config(cfg))
-        return 0
-    from icd_dist.train.schedule import run_schedule
-
-    try:
-        summary = run_schedule(cfg)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    last = summary["steps"][-1]
-    print(json.dumps({"run": summary["run"], "final_miou_all": last["miou_all"],
-                      "final_hiou": last["hiou"]}))
-    return 0
+    return run_config_command("python -m icd_dist.run", __doc__,
+                              "experiment YAML (may extend others)", "optim.lr=0.02", run, argv)
 
 
 if __name__ == "__main__":

@@ -9,42 +9,26 @@ Re-running with the same run.name resumes the sweep.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from icd_dist.config import ConfigError, load_config
+from icd_dist.cli import run_config_command
+from icd_dist.config import Config
+
+
+def sweep(cfg: Config) -> dict:
+    """Run (or resume) the sweep of `cfg`; its name, best weights and best config files."""
+    from icd_dist.train.sweep import run_sweep
+
+    summary = run_sweep(cfg)
+    return {"sweep": summary["sweep"], "best_overall": summary["best_overall"],
+            "best_configs": summary["best_configs"]}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep; returns the exit status (0 done, 2 configuration or input error)."""
-    p = argparse.ArgumentParser(prog="python -m icd_dist.tune",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="sweep YAML (a run config with a tune: part)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tune.num_samples=16")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config "
-                   "and exit")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        from icd_dist.config import dump_config
-
-        print(dump_config(cfg))
-        return 0
-    from icd_dist.train.sweep import run_sweep
-
-    try:
-        summary = run_sweep(cfg)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"sweep": summary["sweep"], "best_overall": summary["best_overall"],
-                      "best_configs": summary["best_configs"]}))
-    return 0
+    return run_config_command("python -m icd_dist.tune", __doc__,
+                              "sweep YAML (a run config with a tune: part)",
+                              "tune.num_samples=16", sweep, argv)
 
 
 if __name__ == "__main__":

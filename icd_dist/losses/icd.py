@@ -79,6 +79,12 @@ def energy_map(f: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Te
     """e = mean over C of f^2 (float32), adaptive-average-pooled to `size` when it differs,
     then standardised per sample over its pixels: (e - mean) / sqrt(var + 1e-5)."""
     e = upcast(f).pow(2).mean(dim=1, keepdim=True)
+    return standardise_energy(e, size)
+
+
+def standardise_energy(e: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An energy map (B, 1, H, W) adaptive-average-pooled to `size` when it differs, then
+    standardised per sample over its pixels: (e - mean) / sqrt(var + 1e-5)."""
     if size is not None and tuple(e.shape[-2:]) != tuple(size):
         e = F.adaptive_avg_pool2d(e, size)
     mean = e.mean(dim=(2, 3), keepdim=True)
@@ -159,6 +165,12 @@ def external_loss(feats_student: Sequence[torch.Tensor], feats_teacher: Sequence
         log_r_s = cross_scale_relation(feats_student[l], feats_student[l + 1], msca, tau)
         with torch.no_grad():
             log_r_t = cross_scale_relation(feats_teacher[l], feats_teacher[l + 1], msca, tau)
-        kl = (log_r_t.exp() * (log_r_t - log_r_s)).sum(dim=1)
-        terms.append(tau**2 * kl.mean())
+        terms.append(relation_kl(log_r_t, log_r_s, tau))
     return torch.stack(terms).mean()
+
+
+def relation_kl(log_r_teacher: torch.Tensor, log_r_student: torch.Tensor,
+                tau: float) -> torch.Tensor:
+    """tau^2 * mean over samples of KL(r_T || r_S), from the log-relations (B, P)."""
+    kl = (log_r_teacher.exp() * (log_r_teacher - log_r_student)).sum(dim=1)
+    return tau**2 * kl.mean()

@@ -2,8 +2,11 @@
 tiny synthetic-data config."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,3 +51,23 @@ def ray_stop() -> None:
     It stops every Ray of this machine, which is right for these sequential tests."""
     ray = Path(sys.executable).with_name("ray")
     subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def run_until_then_kill(cmd: list[str], cwd: Path, env: dict, log_path: Path,
+                        ready: Callable[[], bool]) -> None:
+    """Start `cmd` in its own session (stderr to log_path), wait until ready() holds, then
+    SIGKILL its whole process group (a driver dying mid-way) and stop the Ray it left.
+    Fails with the log's tail if the command exits before ready()."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        while not ready():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        ray_stop()

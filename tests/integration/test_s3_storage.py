@@ -4,7 +4,6 @@ its run.storage_path in the bucket, killed between its steps, resumed and evalua
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ray_stop
+from tests.integration.conftest import ray_stop, run_until_then_kill
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -110,19 +109,9 @@ def test_demo_on_s3_killed_between_steps_resumes_and_evaluates(tmp_path, s3_env)
     run = [sys.executable, "-m", "icd_dist.run", "--config", "configs/demo.yaml",
            f"run.storage_path=s3://{BUCKET}/runs", f"data.train_shards={train_uri}",
            f"data.eval_shards={val_uri}", "optim.epochs=2"]
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(run, cwd=ROOT, env=env, start_new_session=True,
-                                 stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        while not exists(client, "runs/demo/step_0/DONE"):  # step 0 finished, on S3
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(1)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-        ray_stop()
+    # Killed once step 0 is finished, on S3.
+    run_until_then_kill(run, ROOT, env, tmp_path / "first.log",
+                        lambda: exists(client, "runs/demo/step_0/DONE"))
     assert not exists(client, "runs/demo/summary.json")
     step0 = read_json(client, "runs/demo/step_0/metrics.json")
     try:

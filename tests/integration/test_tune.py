@@ -3,16 +3,14 @@ step 0, killed mid-way and resumed; and ASHA stopping a planted bad trial."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.integration.conftest import ray_stop
+from tests.integration.conftest import ray_stop, run_until_then_kill
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -51,22 +49,10 @@ def terminated_trials(sweep: Path) -> set[str]:
 def test_sweep_shares_step0_survives_driver_kill_and_writes_runnable_best(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
     sweep = tmp_path / "runs" / "tune-demo"
-    with open(tmp_path / "first.log", "w") as first_log:
-        driver = subprocess.Popen(tune_cmd(tmp_path, *SWEEP), cwd=ROOT, env=env,
-                                  start_new_session=True, stdout=subprocess.DEVNULL,
-                                  stderr=first_log)
-    try:
-        # Kill the driver once at least one trial is recorded finished and the sweep is not.
-        while not terminated_trials(sweep):
-            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(1)
-        assert not (sweep / "tune_summary.json").exists(), "the sweep ended before the kill"
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=60)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        ray_stop()
+    # Kill the driver once at least one trial is recorded finished and the sweep is not.
+    run_until_then_kill(tune_cmd(tmp_path, *SWEEP), ROOT, env, tmp_path / "first.log",
+                        lambda: bool(terminated_trials(sweep)))
+    assert not (sweep / "tune_summary.json").exists(), "the sweep ended before the kill"
     finished_before = terminated_trials(sweep)
     attempts_before = {t: json.loads((sweep / "trials" / t / "attempts.json").read_text())
                        for t in finished_before}

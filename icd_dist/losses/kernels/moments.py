@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from icd_dist.losses.icd import MSCA, NORM_EPS, STD_EPS
+from icd_dist.losses.icd import MSCA, NORM_EPS, STD_EPS, relation_kl, standardise_energy
 from icd_dist.losses.precision import upcast
 
 
@@ -97,18 +97,10 @@ def energy_from_moments(m: Moments) -> torch.Tensor:
     return (var + mean * mean).reshape(-1, 1, m.height, m.width)
 
 
-def _standardise(e: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(e.shape[-2:]) != tuple(size):
-        e = F.adaptive_avg_pool2d(e, size)
-    mean = e.mean(dim=(2, 3), keepdim=True)
-    var = e.var(dim=(2, 3), unbiased=False, keepdim=True)
-    return (e - mean) / torch.sqrt(var + STD_EPS)
-
-
 def _log_relation(fine: Moments, coarse: Moments, msca: MSCA, tau: float) -> torch.Tensor:
     size = (coarse.height, coarse.width)
-    e_fine = _standardise(energy_from_moments(fine), size)
-    e_coarse = _standardise(energy_from_moments(coarse), size)
+    e_fine = standardise_energy(energy_from_moments(fine), size)
+    e_coarse = standardise_energy(energy_from_moments(coarse), size)
     return F.log_softmax((msca(e_fine) * msca(e_coarse)).flatten(1) / tau, dim=1)
 
 
@@ -132,6 +124,5 @@ def external_from_moments(student: Sequence[Moments], teacher: Sequence[Moments]
         log_r_s = _log_relation(student[l], student[l + 1], msca, tau)
         with torch.no_grad():
             log_r_t = _log_relation(teacher[l], teacher[l + 1], msca, tau)
-        kl = (log_r_t.exp() * (log_r_t - log_r_s)).sum(dim=1)
-        terms.append(tau**2 * kl.mean())
+        terms.append(relation_kl(log_r_t, log_r_s, tau))
     return torch.stack(terms).mean()

@@ -1,0 +1,39 @@
+"""The command line shared by the entry points that run a config (`icd_dist.run`,
+`icd_dist.tune`): --config, key=value overrides, --print-config, and exit status 2 with a
+clear message for a configuration or input error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from icd_dist.config import Config, ConfigError, dump_config, load_config
+
+
+def run_config_command(prog: str, doc: str, config_help: str, override_example: str,
+                       action: Callable[[Config], dict], argv: list[str] | None = None) -> int:
+    """Parse the arguments, load the config and run `action` on it, printing the dict it
+    returns as one JSON line; the exit status: 0 done, 2 configuration or input error."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {override_example}")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config "
+                   "and exit")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(cfg))
+        return 0
+    try:
+        result = action(cfg)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
