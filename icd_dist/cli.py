@@ -13,10 +13,16 @@ from icd_dist.config import Config, ConfigError, dump_config, load_config
 
 
 def run_config_command(prog: str, doc: str, config_help: str, override_example: str,
-                       action: Callable[[Config], dict], argv: list[str] | None = None) -> int:
-    """Parse the arguments, load the config and run `action` on it, printing the dict it
-    returns as one JSON line; the exit status: 0 done, 2 configuration or input error."""
+                       action: Callable[[Config, argparse.Namespace], dict],
+                       argv: list[str] | None = None,
+                       add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+                       ) -> int:
+    """Parse the arguments (`add_arguments` adds the command's own), load the config and run
+    `action(config, arguments)`, printing the dict it returns as one JSON line; the exit
+    status: 0 done, 2 configuration or input error."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    if add_arguments:
+        add_arguments(p)
     p.add_argument("--config", required=True, help=config_help)
     p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {override_example}")
     p.add_argument("--print-config", action="store_true", help="print the resolved config "
@@ -31,7 +37,7 @@ def run_config_command(prog: str, doc: str, config_help: str, override_example: 
         print(dump_config(cfg))
         return 0
     try:
-        result = action(cfg)
+        result = action(cfg, args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from icd_dist.css.tasks import task_from_config
 from icd_dist.data.inspect import manifest_spec
 from icd_dist.data.manifest import load_manifest
 from icd_dist.data.torch_pipeline import AugmentConfig, ShardDataset, make_loader
+from icd_dist.losses.methods import without_learned_msca
 from icd_dist.models.deeplab import build_model
 from icd_dist.train.metrics import format_per_class_table, step_metrics
 from icd_dist.train.step_worker import DONE, evaluate
@@ -54,7 +55,7 @@ def evaluate_run(run: str, data: str, step: int | None = None, batch_size: int =
         raise FileNotFoundError(f"step {step} of {run} is not complete")
     saved = storage.load_torch(f"step_{step}/model.pt")
     model = build_model(cfg.model, saved["classes_per_step"], load_pretrained=False)
-    model.load_state_dict(saved["state_dict"])
+    model.load_state_dict(without_learned_msca(saved["state_dict"]))
     dataset = ShardDataset(data, None, eval_lut(task, step, cfg.data.ignore_background),
                            AugmentConfig(train=False, eval_size=cfg.data.eval_size))
     loader = make_loader(dataset, batch_size, num_workers=workers)

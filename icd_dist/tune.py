@@ -15,7 +15,7 @@ from icd_dist.cli import run_config_command
 from icd_dist.config import Config
 
 
-def sweep(cfg: Config) -> dict:
+def sweep(cfg: Config, args=None) -> dict:
     """Run (or resume) the sweep of `cfg`; its name, best weights and best config files."""
     from icd_dist.train.sweep import run_sweep
 

@@ -13,6 +13,11 @@ not depend on any distillation setting. At step t > 0:
          + s_t * (lambda_int * L_int + lambda_ext * L_ext)   (s_t off: adaptive_factor=false)
 
 (`loss.seg` swaps the segmentation term; s_t = sqrt(|C_0:t| / |C_t|).)
+
+`loss.icd.msca=learned`: the MSCA kernels are parameters of the model (`model.msca`, added by
+attach_learned_msca), so the engines synchronise, checkpoint and carry them to the next step
+like every other weight. They are trained at step 1, the first step with a teacher, and
+frozen from step 2 on (and at step 0, which has no distillation).
 """
 
 from __future__ import annotations
@@ -58,9 +63,9 @@ class StepLoss(nn.Module):
         self.seg = seg if step > 0 else "ce"
         self.thresholds: torch.Tensor | None = None
         self.msca: MSCA | None = None
-        if self.method == "icd":
-            icd = cfg.loss.icd
-            self.msca = MSCA(icd.msca_kernels, learned=icd.msca == "learned")
+        self.learned_msca = self.method == "icd" and cfg.loss.icd.msca == "learned"
+        if self.method == "icd" and not self.learned_msca:
+            self.msca = MSCA(cfg.loss.icd.msca_kernels)
 
     @property
     def needs_teacher(self) -> bool:
@@ -78,11 +83,15 @@ class StepLoss(nn.Module):
             raise ValueError(f"need {self.num_old} thresholds, got {tuple(thresholds.shape)}")
         self.thresholds = thresholds
 
-    def forward(self, student: SegOutput, teacher: SegOutput | None,
-                labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its components."""
+    def forward(self, student: SegOutput, teacher: SegOutput | None, labels: torch.Tensor,
+                msca: MSCA | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its components. `msca` is the student model's learned MSCA (needed,
+        and only allowed, with loss.icd.msca=learned)."""
         if self.needs_teacher and teacher is None:
             raise ValueError(f"{self.method} at step {self.step} needs the teacher's outputs")
+        if (msca is not None) != (self.learned_msca and self.step > 0):
+            raise ValueError("pass the model's MSCA exactly when loss.icd.msca=learned "
+                             f"(method {self.method}, step {self.step})")
         parts: dict[str, torch.Tensor] = {"seg": self._segmentation(student, teacher, labels)}
         lc = self.loss_cfg
         if self.step > 0 and self.method in ("mib", "icd") and lc.lambda_kd > 0:
@@ -95,7 +104,7 @@ class StepLoss(nn.Module):
             factor = self.factor if icd.adaptive_factor else 1.0
             internal, external = icd_terms(
                 student.features, teacher.features, stats=icd.stats, tau=icd.tau,
-                msca=self.msca, want_internal=icd.lambda_int > 0,
+                msca=msca if msca is not None else self.msca, want_internal=icd.lambda_int > 0,
                 want_external=icd.lambda_ext > 0, impl=icd.impl)
             if internal is not None:
                 parts["int"] = factor * icd.lambda_int * internal
@@ -126,6 +135,28 @@ class StepLoss(nn.Module):
         # PLOP averages over the feature levels and the logits, the logits term scaled down.
         mean = (torch.stack(levels).sum() + pod.lambda_pod_logits * logits) / (len(levels) + 1)
         return self.factor * pod.lambda_pod * mean
+
+
+LEARNED_MSCA_PREFIX = "msca."
+
+
+def without_learned_msca(state: dict) -> dict:
+    """A model state dict without the learned MSCA's entries (which only the loss reads: a
+    teacher or an evaluated model does not need them)."""
+    return {k: v for k, v in state.items() if not k.startswith(LEARNED_MSCA_PREFIX)}
+
+
+def attach_learned_msca(cfg: Config, model: nn.Module, step: int) -> MSCA | None:
+    """With loss.icd.msca=learned (method icd): add `model.msca`, a learned MSCA initialised
+    to the averaging kernels, trainable only at step 1 (frozen at step 0 and from step 2
+    on); returns it. Otherwise leave the model alone and return None. Call it before loading
+    a state dict saved from such a model."""
+    if cfg.method.name != "icd" or cfg.loss.icd.msca != "learned":
+        return None
+    msca = MSCA(cfg.loss.icd.msca_kernels, learned=True)
+    msca.requires_grad_(step == 1)
+    model.add_module(LEARNED_MSCA_PREFIX[:-1], msca)
+    return msca
 
 
 def build_step_loss(cfg: Config, task: Task, step: int) -> StepLoss:

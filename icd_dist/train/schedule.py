@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from icd_dist.config import Config, ConfigError, config_to_dict, dump_config
 from icd_dist.css.tasks import Task, task_from_config
 from icd_dist.data import shard_files
@@ -178,10 +180,6 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
     task: Task = task_from_config(cfg, manifest_spec(train_manifest))
     for step in range(task.num_steps):  # method/loss/task mismatches fail here, not in workers
         build_step_loss(cfg, task, step)
-    if cfg.method.name == "icd" and cfg.loss.icd.msca == "learned":
-        raise ConfigError("loss.icd.msca", "'learned' exists in the reference loss "
-                          "(icd_dist.losses.icd.MSCA) but the runner does not yet carry learned "
-                          "MSCA weights from step to step; use 'fixed'")
     name = run_name(cfg, task.name)
     storage = Storage(cfg.run.storage_path).child(name)
     storage.makedirs()
@@ -189,6 +187,7 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
     started = init_ray(cfg)
     try:
         if step0_from and not storage.exists(f"step_0/{DONE}"):
+            check_step0_source(cfg, task, Storage(step0_from))
             copy_finished_step(Storage(step0_from), storage, 0)
             log(f"step 0: taken from {step0_from}")
         return _run_steps(cfg, task, name, storage, train_dir, eval_dir, train_manifest,
@@ -196,6 +195,22 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
     finally:
         if started:
             ray.shutdown()
+
+
+def check_step0_source(cfg: Config, task: Task, source: Storage) -> None:
+    """ConfigError unless the finished step 0 in `source` learned this task's step-0 classes
+    with this model (the data and step-0 training are the caller's choice)."""
+    if not source.exists(f"step_0/{DONE}"):
+        raise FileNotFoundError(f"{source.uri('step_0')} is not a finished step (no {DONE})")
+    classes = source.read_json("step_0/metrics.json")["classes"]
+    if list(classes) != [int(c) for c in task.classes_at(0)]:
+        raise ConfigError("task", f"step 0 in {source.uri()} learned classes {classes}, this "
+                          f"task's step 0 is {list(task.classes_at(0))}")
+    if source.exists("config.yaml"):
+        model = (yaml.safe_load(source.read_bytes("config.yaml")) or {}).get("model")
+        if model is not None and model != config_to_dict(cfg)["model"]:
+            raise ConfigError("model", f"step 0 in {source.uri()} has model {model}, this run "
+                              f"has {config_to_dict(cfg)['model']}")
 
 
 def copy_finished_step(source: Storage, dest: Storage, step: int) -> None:

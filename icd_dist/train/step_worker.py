@@ -26,7 +26,12 @@ from icd_dist.css.remap import eval_lut, train_lut
 from icd_dist.css.tasks import Task
 from icd_dist.data.pipeline import StepLoader
 from icd_dist.losses.css import EntropyHistogram
-from icd_dist.losses.methods import build_step_loss
+from icd_dist.losses.methods import (
+    LEARNED_MSCA_PREFIX,
+    attach_learned_msca,
+    build_step_loss,
+    without_learned_msca,
+)
 from icd_dist.models.deeplab import DeepLabV3, build_model, to_sync_batchnorm
 from icd_dist.train.engine import PRECISION_DTYPES, build_engine
 from icd_dist.train.metrics import ConfusionMatrix, format_per_class_table, step_metrics
@@ -118,7 +123,13 @@ def build_student(job: StepJob, device: torch.device) -> DeepLabV3:
     if step > 0:
         arrays = fetch_teacher_arrays(job.teacher)
         model = build_model(cfg.model, sizes[:-1], load_pretrained=False)
+        # A learned MSCA comes with the previous model from step 2 on; at step 1 it is new.
+        carried = any(k.startswith(LEARNED_MSCA_PREFIX) for k in arrays)
+        if carried:
+            attach_learned_msca(cfg, model, step)
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+        if not carried:
+            attach_learned_msca(cfg, model, step)
         model.add_step(sizes[-1], mib_init=cfg.model.mib_init)
     else:
         model = build_model(cfg.model, sizes)
@@ -198,9 +209,10 @@ def train_step_worker(config: dict) -> None:
     teacher = None
     if loss_fn.needs_teacher:
         sizes = [len(s) for s in task.steps[:step]]
-        teacher = build_teacher(fetch_teacher_arrays(job.teacher), cfg.model, sizes, device,
-                                _teacher_dtype(cfg, device))
-    params = list(student.parameters()) + list(loss_fn.parameters())
+        teacher = build_teacher(without_learned_msca(fetch_teacher_arrays(job.teacher)),
+                                cfg.model, sizes, device, _teacher_dtype(cfg, device))
+    learned_msca = getattr(student, "msca", None) if loss_fn.learned_msca and step > 0 else None
+    params = [p for p in (*student.parameters(), *loss_fn.parameters()) if p.requires_grad]
     engine = build_engine(cfg, student, params, lr, iterations, on_gpu)
     # Engines consume different amounts of randomness while initialising: reseed so that
     # dropout is the same whatever the engine (and differs between ranks).
@@ -251,7 +263,7 @@ def train_step_worker(config: dict) -> None:
                 with torch.no_grad():
                     teacher_out = teacher(images.to(next(teacher.parameters()).dtype))
             loss, parts = loss_fn(engine.forward(images.to(engine.input_dtype)), teacher_out,
-                                  labels)
+                                  labels, msca=learned_msca)
             engine.backward(loss)
             stepped = engine.step()
             global_step += int(stepped)

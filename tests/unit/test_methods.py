@@ -130,3 +130,45 @@ def test_joint_needs_the_offline_task_and_ft_needs_ce():
 def test_icd_with_pseudo_label_segmentation_option():
     loss_fn = build_step_loss(cfg_for("icd", "loss.seg=pseudo_ce"), TASK, 1)
     assert loss_fn.needs_pseudo_thresholds
+
+
+def test_learned_msca_is_the_models_trained_at_step1_only_and_used_by_the_loss():
+    from icd_dist.losses.icd import MSCA
+    from icd_dist.losses.methods import attach_learned_msca, without_learned_msca
+
+    cfg = cfg_for("icd", "loss.icd.msca=learned", "loss.icd.impl=eager")
+    assert attach_learned_msca(cfg_for("icd"), torch.nn.Module(), 1) is None  # fixed: none
+    assert attach_learned_msca(cfg_for("mib", "loss.icd.msca=learned"), torch.nn.Module(),
+                               1) is None
+    trainable = {}
+    for step in (0, 1, 2):
+        model = torch.nn.Module()
+        msca = attach_learned_msca(cfg, model, step)
+        assert model.msca is msca and len(list(msca.parameters())) == 7
+        trainable[step] = all(p.requires_grad for p in msca.parameters())
+        state = {"head.w": torch.zeros(1), **{f"msca.{k}": v for k, v in msca.state_dict().items()}}
+        assert list(without_learned_msca(state)) == ["head.w"]
+    assert trainable == {0: False, 1: True, 2: False}
+
+    loss_fn = build_step_loss(cfg, TASK, 1)
+    assert list(loss_fn.parameters()) == []  # the kernels live in the model, not the loss
+    student, teacher, labels = outputs(1, 21), outputs(2, 16), labels_step1()
+    with pytest.raises(ValueError, match="learned"):
+        loss_fn(student, teacher, labels)
+    model = torch.nn.Module()
+    msca = attach_learned_msca(cfg, model, 1)
+    with torch.no_grad():  # kernels away from the averaging ones change the external term
+        msca.w5.mul_(3.0).add_(torch.linspace(0, 0.2, 25).view(1, 1, 5, 5))
+    _, parts = loss_fn(student, teacher, labels, msca=msca)
+    factor = math.sqrt(21 / 5)
+    icd = cfg.loss.icd
+    expected = external_loss(student.features, teacher.features, icd.tau, msca)
+    assert parts["ext"].item() == pytest.approx(factor * icd.lambda_ext * expected.item(),
+                                                rel=1e-5)
+    fixed = external_loss(student.features, teacher.features, icd.tau, MSCA())
+    assert abs(expected.item() - fixed.item()) > 1e-6 * max(1.0, fixed.item())
+    loss, _ = loss_fn(student, teacher, labels, msca=msca)
+    loss.backward()
+    assert msca.w5.grad is not None and msca.w5.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="learned"):  # not with a fixed MSCA
+        build_step_loss(cfg_for("icd"), TASK, 1)(student, teacher, labels, msca=msca)
