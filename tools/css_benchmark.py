@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -125,8 +126,10 @@ def plan(args, train: Path, val: Path, runs: Path) -> list[Job]:
                                 [*base, f"run.name={key}"],
                                 ["--step0-from", str(runs / step0)], needs=step0))
         if args.ablation_task:
-            for i, (label, overrides) in enumerate(ABLATION):
-                key = f"{args.ablation_task}-icd-ablation{i}-s{seed}"
+            for label, overrides in ABLATION:
+                # named by its overrides: a changed variant never reuses an old run's folder
+                slug = re.sub(r"[^a-z0-9]+", "-", " ".join(overrides).replace("loss.icd.", ""))
+                key = f"{args.ablation_task}-icd-{slug.strip('-')}-s{seed}"
                 jobs.append(Job(key, "ablation", label, args.ablation_task, seed,
                                 f"configs/camvid/{args.ablation_task}_icd.yaml",
                                 [*base, *overrides, f"run.name={key}"],
@@ -350,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.smoke:
         args.methods, args.tasks, args.ablation_task = ["ft", "icd"], ["6-5"], "none"
+        # its own shards and runs: a full table in the same folder must not reuse them
+        args.work = args.work / "smoke"
     args.ablation_task = None if args.ablation_task == "none" else args.ablation_task
     if args.ablation_task and "icd" not in args.methods:
         args.methods.append("icd")  # the ablation's reference row
