@@ -9,7 +9,7 @@ mIoU, hIoU, wall time of every row, the commands, the device and versions) to --
 
     python tools/css_benchmark.py                        # the README table (~45 min, 2 cores)
     python tools/css_benchmark.py --seeds 0 1 2          # mean and spread over three seeds
-    python tools/css_benchmark.py --smoke --out /tmp/s   # a tiny end-to-end check (CI)
+    python tools/css_benchmark.py --smoke --work /tmp/s  # a tiny end-to-end check (CI)
 
 Budgets are iterations (configs/camvid/), so a re-run with the same seed trains the same
 model; the wall times vary with the machine's load.
@@ -337,11 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "css_benchmark",
                    help="shards, run folders and logs (runs already finished there are "
                         "reused: use a new folder for an independent re-run)")
-    p.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "css_benchmark",
-                   help="where results.md and results.json go")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--out", type=Path, help="where results.md and results.json go (default: "
+                   "tools/results/css_benchmark; with --smoke, the smoke folder of --work)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="run.seed of every run; "
+                   "with several, each row is their mean ± population std")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="continual methods of the main table")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS,
+                   help="CamVid tasks of the main table")
     p.add_argument("--ablation-task", default="6-5", choices=[*TASKS, "none"],
                    help="the task of the ICD ablation (none: no ablation); 6-5 by default, "
                         "which keeps the whole table within an hour on 2 cores")
@@ -355,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         args.methods, args.tasks, args.ablation_task = ["ft", "icd"], ["6-5"], "none"
         # its own shards and runs: a full table in the same folder must not reuse them
         args.work = args.work / "smoke"
+    if args.out is None:  # a smoke check never overwrites the committed table
+        args.out = args.work if args.smoke else ROOT / "tools" / "results" / "css_benchmark"
     args.ablation_task = None if args.ablation_task == "none" else args.ablation_task
     if args.ablation_task and "icd" not in args.methods:
         args.methods.append("icd")  # the ablation's reference row
