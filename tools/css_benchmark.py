@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import cpu_name  # noqa: E402
 
+from icd_dist.train.metrics import harmonic_iou  # noqa: E402
+
 METHODS = ("ft", "mib", "plop", "icd")
 TASKS = ("6-5", "6-1")
 # (row label, overrides on the icd config). The full method is the icd row of the main table.
@@ -244,8 +246,7 @@ def scores(job: Job, old_names: list[str]) -> dict:
         new = [v for k, v in iou.items() if k not in old_names and v is not None]
         o = sum(old) / len(old) if old else None
         n = sum(new) / len(new) if new else None
-        h = None if o is None or n is None else (0.0 if o + n == 0 else 2 * o * n / (o + n))
-        values = {"old": o, "new": n, "all": last["miou_all"], "hiou": h}
+        values = {"old": o, "new": n, "all": last["miou_all"], "hiou": harmonic_iou(o, n)}
     else:
         values = {"old": last["miou_old"], "new": last["miou_new"], "all": last["miou_all"],
                   "hiou": last["hiou"]}

@@ -187,8 +187,9 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
     started = init_ray(cfg)
     try:
         if step0_from and not storage.exists(f"step_0/{DONE}"):
-            check_step0_source(cfg, task, Storage(step0_from))
-            copy_finished_step(Storage(step0_from), storage, 0)
+            source = Storage(step0_from)
+            check_step0_source(cfg, task, source)
+            copy_finished_step(source, storage, 0)
             log(f"step 0: taken from {step0_from}")
         return _run_steps(cfg, task, name, storage, train_dir, eval_dir, train_manifest,
                           eval_manifest, log, on_step, last_step)
@@ -208,9 +209,10 @@ def check_step0_source(cfg: Config, task: Task, source: Storage) -> None:
                           f"task's step 0 is {list(task.classes_at(0))}")
     if source.exists("config.yaml"):
         model = (yaml.safe_load(source.read_bytes("config.yaml")) or {}).get("model")
-        if model is not None and model != config_to_dict(cfg)["model"]:
+        ours = config_to_dict(cfg)["model"]
+        if model is not None and model != ours:
             raise ConfigError("model", f"step 0 in {source.uri()} has model {model}, this run "
-                              f"has {config_to_dict(cfg)['model']}")
+                              f"has {ours}")
 
 
 def copy_finished_step(source: Storage, dest: Storage, step: int) -> None:
