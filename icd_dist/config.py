@@ -85,13 +85,24 @@ class DataConfig:
     scale_min: float = 0.5
     scale_max: float = 2.0
     hflip: bool = True
+    # inside = MiB/PLOP's RandomResizedCrop (10 draws inside the image, then their central
+    # fallback); padded = the previous behaviour, a box larger than the image is padded
+    # (image 0, mask 255).
+    crop_mode: Literal["inside", "padded"] = "inside"
     # Evaluation: resize the shorter side to eval_size, then centre crop eval_size.
     eval_size: int = 512
     loader_workers: int = 2
     # fail = stop at the first bad sample; skip = skip it, count it, report the count.
     bad_samples: Literal["fail", "skip"] = "fail"
-    # ADE20K: ignore id 0 (as MiB) instead of scoring it as background (PLOP, RCIL).
+    # ADE20K: ignore id 0 at evaluation (as MiB) instead of scoring it as background (PLOP,
+    # RCIL); training labels keep it as background 0 either way (as MiB trains).
     ignore_background: bool = False
+    # Evaluation at step t scores only the eval images with a class seen so far other than
+    # background (MiB/PLOP's test set); false = every eval image.
+    eval_filter: bool = True
+    # What classes not yet seen at step t become in the evaluation labels: background 0
+    # (PLOP) or ignore 255 (MiB).
+    eval_unseen: Literal["background", "ignore"] = "background"
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
 
@@ -113,10 +124,17 @@ class ModelConfig:
     output_stride: Literal[8, 16] = 16
     head_channels: int = 256
     norm: Literal["batchnorm", "groupnorm"] = "batchnorm"
+    # Backbone taps: the stages' outputs, or their last blocks' outputs before the final
+    # activation (PLOP's network; the PLOP configs use it). The network computes the same
+    # either way, so step 0 does not depend on it.
+    taps: Literal["post_activation", "pre_activation"] = "post_activation"
     # A file with ImageNet weights (torchvision or in-place-ABN format); never downloaded.
+    # VOC and ADE20K runs refuse to start without one; "none" trains from scratch on purpose.
     pretrained: str | None = None
-    # MiB's initialisation of the new classifier heads at steps t > 0.
-    mib_init: bool = True
+    # MiB's initialisation of the new classifier heads at steps t > 0; None = the method's
+    # own choice (ft and joint: the layer's random init, as standard fine-tuning; mib, plop
+    # and icd: MiB's).
+    mib_init: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -148,12 +166,24 @@ class ICDLossConfig:
 
 @dataclass(frozen=True)
 class PODLossConfig:
-    """PLOP's Local POD and pseudo-labelling."""
+    """PLOP's Local POD and pseudo-labelling, as PLOP's train.py computes them (VOC factors;
+    ADE20K: lambda_pod 0.001, lambda_pod_logits 0.00001)."""
 
+    # Factor of each feature level's POD distance.
     lambda_pod: float = 0.01
+    # Factor of the logits level (replaces lambda_pod there; PLOP's switch.after.factor).
     lambda_pod_logits: float = 0.0005
     scales: tuple[int, ...] = (1, 2, 4)
-    # Pseudo-label threshold: per-class entropy median, never below this floor.
+    # plop: PLOP's square regions of side W // scale (a remainder dropped); split: near-equal
+    # parts covering every pixel.
+    regions: Literal["plop", "split"] = "plop"
+    # L2-normalise the pooled embeddings before the distance (PLOP: false).
+    normalize: bool = False
+    # Pseudo-label thresholds: plop = PLOP's find_median on its entropy() / log(seen) over
+    # `bins` bins (its approximation as written); median = the exact histogram median of the
+    # normalised entropy. Never below entropy_floor.
+    thresholds: Literal["plop", "median"] = "plop"
+    bins: int = 100
     entropy_floor: float = 0.001
 
 
@@ -332,6 +362,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "loss.pod.scales": (lambda v: len(v) > 0 and all(s > 0 for s in v),
                         "a non-empty list of positive integers"),
     "loss.pod.entropy_floor": (_non_negative, "a number >= 0"),
+    "loss.pod.bins": (_positive, "a positive integer"),
     "optim.lr": (_positive, "a positive number"),
     "optim.lr_incremental": (_positive, "a positive number"),
     "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),

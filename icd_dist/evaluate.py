@@ -1,5 +1,7 @@
 """`python -m icd_dist.evaluate`: evaluate a step's model of a run on any shards, with the
-step's seen classes and the same metrics as training.
+step's seen classes and the same metrics as training: the same images (data.eval_filter:
+those with a class seen up to the step other than background, MiB/PLOP's test set) and the
+same labels (data.eval_unseen, data.ignore_background) as the run's own evaluation.
 
     python -m icd_dist.evaluate --run runs/demo [--step K] --data data/demo/val [--json]
 """
@@ -16,10 +18,10 @@ import torch
 from icd_dist.config import ConfigError, load_config
 from icd_dist.css.remap import eval_lut
 from icd_dist.css.tasks import task_from_config
-from icd_dist.data.inspect import manifest_spec
+from icd_dist.data.inspect import eval_selected_keys, manifest_spec
 from icd_dist.data.manifest import load_manifest
 from icd_dist.data.torch_pipeline import AugmentConfig, ShardDataset, make_loader
-from icd_dist.losses.methods import without_learned_msca
+from icd_dist.losses.methods import inference_state
 from icd_dist.models.deeplab import build_model
 from icd_dist.train.metrics import format_per_class_table, step_metrics
 from icd_dist.train.step_worker import DONE, evaluate
@@ -55,8 +57,13 @@ def evaluate_run(run: str, data: str, step: int | None = None, batch_size: int =
         raise FileNotFoundError(f"step {step} of {run} is not complete")
     saved = storage.load_torch(f"step_{step}/model.pt")
     model = build_model(cfg.model, saved["classes_per_step"], load_pretrained=False)
-    model.load_state_dict(without_learned_msca(saved["state_dict"]))
-    dataset = ShardDataset(data, None, eval_lut(task, step, cfg.data.ignore_background),
+    model.load_state_dict(inference_state(saved["state_dict"]))
+    keys = eval_selected_keys(manifest, task, step, cfg.data.eval_filter)
+    if not keys:
+        raise ValueError(f"no image in {data} has a class seen up to step {step} "
+                         "(data.eval_filter)")
+    lut = eval_lut(task, step, cfg.data.ignore_background, unseen=cfg.data.eval_unseen)
+    dataset = ShardDataset(data, keys, lut,
                            AugmentConfig(train=False, eval_size=cfg.data.eval_size))
     loader = make_loader(dataset, batch_size, num_workers=workers)
     cm, _ = evaluate(model, loader, task.num_seen(step), torch.device("cpu"))

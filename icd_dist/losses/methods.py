@@ -1,5 +1,13 @@
-"""One loss object per method (ft, joint, mib, plop, icd): from the config and the step, the
-step's total loss and its components.
+"""The continual-learning methods, one class each in a registry (ft, joint, mib, plop, icd).
+
+A method owns its config section and its per-step state, so the training loop and
+`evaluate` do not know any method's internals:
+- `init_student(model, state)`: at step t > 0, load the previous model's weights into the
+  student and add this step's classes with the method's classifier init (random for ft, MiB's
+  for the others unless model.mib_init says otherwise); ICD's learned MSCA lives here;
+- `prepare(teacher, data_pass)`: per-step state computed before training (PLOP's entropy
+  thresholds, from one pass of the teacher over the step's training data);
+- `forward(student, teacher, labels)`: the step's total loss and its detached components.
 
 At step 0 every method trains with plain cross-entropy (there is no teacher), so step 0 does
 not depend on any distillation setting. At step t > 0:
@@ -7,158 +15,273 @@ not depend on any distillation setting. At step t > 0:
 - ft:    CE
 - joint: CE, every class in one (offline) step
 - mib:   unbiased CE + lambda_kd * unbiased KD
-- plop:  CE on pseudo-labels
-         + s_t * lambda_pod * (sum_l POD_l + lambda_pod_logits * POD_logits) / (L + 1)
+- plop:  CE on pseudo-labels (per-image classification factor)
+         + s_t * (lambda_pod * sum_l POD_l + lambda_pod_logits * POD_logits) / (L + 1)
 - icd:   unbiased CE + lambda_kd * unbiased KD
          + s_t * (lambda_int * L_int + lambda_ext * L_ext)   (s_t off: adaptive_factor=false)
 
-(`loss.seg` swaps the segmentation term; s_t = sqrt(|C_0:t| / |C_t|).)
+`loss.seg` swaps the segmentation term; s_t = sqrt(|C_0:t| / |C_t|). Every segmentation
+loss is averaged over all pixels of the batch, ignored ones counting 0 (MiB's and PLOP's
+train.py: reduction='none', then .mean()).
 
-`loss.icd.msca=learned`: the MSCA kernels are parameters of the model (`model.msca`, added by
-attach_learned_msca), so the engines synchronise, checkpoint and carry them to the next step
-like every other weight. They are trained at step 1, the first step with a teacher, and
-frozen from step 2 on (and at step 0, which has no distillation).
+`loss.icd.msca=learned`: the MSCA kernels are parameters of the model (`model.msca`), so the
+engines synchronise, checkpoint and carry them to the next step like every other weight.
+They are trained at step 1, the first step with a teacher, and frozen from step 2 on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+from typing import ClassVar
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from icd_dist.config import Config, ConfigError
 from icd_dist.css.tasks import Task
 from icd_dist.losses import css
 from icd_dist.losses.icd import MSCA
-from icd_dist.losses.kernels.dispatch import icd_terms
-from icd_dist.losses.precision import upcast
-from icd_dist.models.deeplab import SegOutput
+from icd_dist.losses.icd_loss import ICDLoss
+from icd_dist.models.deeplab import DeepLabV3, SegOutput
 
-IGNORE_INDEX = 255
-_DEFAULT_SEG = {"ft": "ce", "joint": "ce", "mib": "unbiased_ce", "plop": "pseudo_ce",
-                "icd": "unbiased_ce"}
+SEG_LOSSES = ("ce", "unbiased_ce", "pseudo_ce")
+# Entries of a model's state dict that belong to a method, not to the network.
+METHOD_STATE_PREFIXES = ("msca.",)
+
+# A pass over the step's training data: yields (images, labels) on the worker's device.
+DataPass = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+METHODS: dict[str, type[Method]] = {}
 
 
-class StepLoss(nn.Module):
-    """The loss of one method at one step: call it with the student's and the teacher's
-    outputs (teacher None at step 0) and the step's training labels; it returns the total
-    loss and a dict of detached components (seg, kd, pod, int, ext, total as present)."""
+def register(name: str):
+    """Class decorator: make a Method available as method.name=`name`."""
+    def wrap(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return wrap
+
+
+def inference_state(state: Mapping[str, object]) -> dict:
+    """A model state dict without the entries methods own (a learned MSCA, which only the
+    loss reads): what a teacher or an evaluated model loads."""
+    return {k: v for k, v in state.items() if not k.startswith(METHOD_STATE_PREFIXES)}
+
+
+class Method(nn.Module):
+    """One method at one step of a task (see the module docstring)."""
+
+    name: ClassVar[str]
+    default_seg: ClassVar[str] = "ce"
+    allowed_seg: ClassVar[tuple[str, ...]] = SEG_LOSSES
+    uses_teacher: ClassVar[bool] = True
+    default_mib_init: ClassVar[bool] = True
 
     def __init__(self, cfg: Config, task: Task, step: int):
         super().__init__()
-        self.method = cfg.method.name
-        if self.method == "joint" and task.num_steps != 1:
-            raise ConfigError("method.name", f"joint trains every class in one step; use "
-                              f"task.name=offline (task {task.name!r} has {task.num_steps} steps)")
+        self.cfg = cfg
         self.step = step
         self.num_old = len(task.old_classes(step))
+        self.num_new = len(task.classes_at(step))
         self.num_seen = task.num_seen(step)
-        self.factor = css.adaptive_factor(self.num_seen, len(task.classes_at(step))) \
-            if step > 0 else 1.0
-        self.loss_cfg = cfg.loss
-        seg = cfg.loss.seg if cfg.loss.seg != "auto" else _DEFAULT_SEG[self.method]
-        if step > 0 and self.method in ("ft", "joint") and seg != "ce":
-            raise ConfigError("loss.seg", f"method {self.method!r} trains with plain CE; "
-                              f"got {seg!r}")
+        self.factor = css.adaptive_factor(self.num_seen, self.num_new) if step > 0 else 1.0
+        seg = cfg.loss.seg if cfg.loss.seg != "auto" else self.default_seg
+        if step > 0 and seg not in self.allowed_seg:
+            raise ConfigError("loss.seg", f"method {self.name!r} trains with "
+                              f"{', '.join(self.allowed_seg)}; got {seg!r}")
         self.seg = seg if step > 0 else "ce"
+        self.mib_init = cfg.model.mib_init if cfg.model.mib_init is not None \
+            else self.default_mib_init
         self.thresholds: torch.Tensor | None = None
-        self.msca: MSCA | None = None
-        self.learned_msca = self.method == "icd" and cfg.loss.icd.msca == "learned"
-        if self.method == "icd" and not self.learned_msca:
-            self.msca = MSCA(cfg.loss.icd.msca_kernels)
 
     @property
     def needs_teacher(self) -> bool:
         """Whether this step's loss uses the previous step's model."""
-        return self.step > 0 and self.method != "ft" and self.method != "joint"
+        return self.step > 0 and (self.uses_teacher or self.seg == "pseudo_ce")
 
-    @property
-    def needs_pseudo_thresholds(self) -> bool:
-        """Whether set_pseudo_thresholds must be called before training (PLOP pseudo-labels)."""
-        return self.seg == "pseudo_ce"
+    def init_student(self, model: DeepLabV3, state: Mapping[str, torch.Tensor]) -> None:
+        """Step t > 0: load the previous step's weights, then add this step's classifier
+        head (MiB's init or the layer's default random init, as `mib_init` says)."""
+        model.load_state_dict(dict(state))
+        model.add_step(self.num_new, mib_init=self.mib_init)
 
-    def set_pseudo_thresholds(self, thresholds: torch.Tensor) -> None:
-        """Per-old-class entropy thresholds (css.EntropyHistogram.thresholds)."""
-        if thresholds.shape != (self.num_old,):
-            raise ValueError(f"need {self.num_old} thresholds, got {tuple(thresholds.shape)}")
-        self.thresholds = thresholds
+    def prepare(self, teacher: nn.Module | None, data_pass: DataPass) -> None:
+        """Per-step state before training (PLOP's pseudo-label thresholds); most methods
+        have none."""
+        if self.seg == "pseudo_ce":
+            self._set_thresholds(teacher, data_pass)
 
-    def forward(self, student: SegOutput, teacher: SegOutput | None, labels: torch.Tensor,
-                msca: MSCA | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its components. `msca` is the student model's learned MSCA (needed,
-        and only allowed, with loss.icd.msca=learned)."""
+    def forward(self, student: SegOutput, teacher: SegOutput | None,
+                labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its components (detached): seg, then the method's terms."""
         if self.needs_teacher and teacher is None:
-            raise ValueError(f"{self.method} at step {self.step} needs the teacher's outputs")
-        if (msca is not None) != (self.learned_msca and self.step > 0):
-            raise ValueError("pass the model's MSCA exactly when loss.icd.msca=learned "
-                             f"(method {self.method}, step {self.step})")
-        parts: dict[str, torch.Tensor] = {"seg": self._segmentation(student, teacher, labels)}
-        lc = self.loss_cfg
-        if self.step > 0 and self.method in ("mib", "icd") and lc.lambda_kd > 0:
-            parts["kd"] = lc.lambda_kd * css.unbiased_kd(student.logits, teacher.logits,
-                                                         alpha=lc.kd_alpha)
-        if self.step > 0 and self.method == "plop":
-            parts["pod"] = self._pod(student, teacher)
-        if self.step > 0 and self.method == "icd":
-            icd = lc.icd
-            factor = self.factor if icd.adaptive_factor else 1.0
-            internal, external = icd_terms(
-                student.features, teacher.features, stats=icd.stats, tau=icd.tau,
-                msca=msca if msca is not None else self.msca, want_internal=icd.lambda_int > 0,
-                want_external=icd.lambda_ext > 0, impl=icd.impl)
-            if internal is not None:
-                parts["int"] = factor * icd.lambda_int * internal
-            if external is not None:
-                parts["ext"] = factor * icd.lambda_ext * external
+            raise ValueError(f"{self.name} at step {self.step} needs the teacher's outputs")
+        parts = {"seg": self._segmentation(student, teacher, labels)}
+        if self.step > 0:
+            parts.update(self.distillation(student, teacher, labels))
         total = torch.stack(list(parts.values())).sum()
         components = {k: v.detach() for k, v in parts.items()}
         components["total"] = total.detach()
         return total, components
 
+    def distillation(self, student: SegOutput, teacher: SegOutput | None,
+                     labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The method's terms besides the segmentation loss at step t > 0."""
+        return {}
+
+    # Segmentation losses, each averaged over all pixels of the batch (MiB, PLOP).
     def _segmentation(self, student: SegOutput, teacher: SegOutput | None,
                       labels: torch.Tensor) -> torch.Tensor:
         if self.seg == "ce":
-            return F.cross_entropy(upcast(student.logits), labels.long(),
-                                   ignore_index=IGNORE_INDEX)
+            return css.cross_entropy(student.logits, labels, reduction="none").mean()
         if self.seg == "unbiased_ce":
-            return css.unbiased_cross_entropy(student.logits, labels, self.num_old)
+            return css.unbiased_cross_entropy(student.logits, labels, self.num_old,
+                                              reduction="none").mean()
         if self.thresholds is None:
-            raise RuntimeError("pseudo_ce needs set_pseudo_thresholds() before training")
-        pseudo, weights = css.pseudo_label(labels, teacher.logits, self.thresholds)
+            raise RuntimeError("pseudo_ce needs prepare() (the entropy thresholds) first")
+        pod = self.cfg.loss.pod
+        pseudo, weights = css.pseudo_label(labels, teacher.logits, self.thresholds,
+                                           self.num_seen, pod.thresholds)
         return css.pseudo_label_cross_entropy(student.logits, pseudo, weights)
 
-    def _pod(self, student: SegOutput, teacher: SegOutput) -> torch.Tensor:
-        pod = self.loss_cfg.pod
-        levels = [css.local_pod_distance(s, t, pod.scales)
-                  for s, t in zip(student.features, teacher.features, strict=True)]
-        logits = css.local_pod_logits(student.logits, teacher.logits, pod.scales)
-        # PLOP averages over the feature levels and the logits, the logits term scaled down.
-        mean = (torch.stack(levels).sum() + pod.lambda_pod_logits * logits) / (len(levels) + 1)
-        return self.factor * pod.lambda_pod * mean
+    def set_thresholds(self, thresholds: torch.Tensor) -> None:
+        """PLOP's per-seen-class entropy thresholds (css.EntropyHistogram.thresholds)."""
+        if thresholds.shape != (self.num_seen,):
+            raise ValueError(f"need {self.num_seen} thresholds, got {tuple(thresholds.shape)}")
+        self.thresholds = thresholds
+
+    @torch.no_grad()
+    def _set_thresholds(self, teacher: nn.Module, data_pass: DataPass) -> None:
+        pod = self.cfg.loss.pod
+        dtype = next(teacher.parameters()).dtype
+        hist = None
+        for images, labels in data_pass():
+            out = teacher(images.to(dtype))
+            if hist is None:
+                hist = css.EntropyHistogram(self.num_seen, pod.bins, pod.thresholds,
+                                            device=out.logits.device)
+            hist.update(out.logits, labels)
+        if hist is None:
+            hist = css.EntropyHistogram(self.num_seen, pod.bins, pod.thresholds)
+        self.set_thresholds(hist.all_reduce().thresholds(pod.entropy_floor).to(
+            next(teacher.parameters()).device))
 
 
-LEARNED_MSCA_PREFIX = "msca."
+@register("ft")
+class FineTuning(Method):
+    """Fine-tuning: CE on the step's labels, a randomly initialised new head (lower bound)."""
+
+    allowed_seg = ("ce",)
+    uses_teacher = False
+    default_mib_init = False
 
 
-def without_learned_msca(state: dict) -> dict:
-    """A model state dict without the learned MSCA's entries (which only the loss reads: a
-    teacher or an evaluated model does not need them)."""
-    return {k: v for k, v in state.items() if not k.startswith(LEARNED_MSCA_PREFIX)}
+@register("joint")
+class Joint(Method):
+    """Every class in one offline step with CE (upper bound)."""
+
+    allowed_seg = ("ce",)
+    uses_teacher = False
+    default_mib_init = False
+
+    def __init__(self, cfg: Config, task: Task, step: int):
+        if task.num_steps != 1:
+            raise ConfigError("method.name", f"joint trains every class in one step; use "
+                              f"task.name=offline (task {task.name!r} has {task.num_steps} "
+                              f"steps)")
+        super().__init__(cfg, task, step)
 
 
-def attach_learned_msca(cfg: Config, model: nn.Module, step: int) -> MSCA | None:
-    """With loss.icd.msca=learned (method icd): add `model.msca`, a learned MSCA initialised
-    to the averaging kernels, trainable only at step 1 (frozen at step 0 and from step 2
-    on); returns it. Otherwise leave the model alone and return None. Call it before loading
-    a state dict saved from such a model."""
-    if cfg.method.name != "icd" or cfg.loss.icd.msca != "learned":
-        return None
-    msca = MSCA(cfg.loss.icd.msca_kernels, learned=True)
-    msca.requires_grad_(step == 1)
-    model.add_module(LEARNED_MSCA_PREFIX[:-1], msca)
-    return msca
+def _unbiased_kd(method: Method, student: SegOutput, teacher: SegOutput) -> dict:
+    lc = method.cfg.loss
+    if lc.lambda_kd <= 0:
+        return {}
+    return {"kd": lc.lambda_kd * css.unbiased_kd(student.logits, teacher.logits,
+                                                 alpha=lc.kd_alpha)}
 
 
-def build_step_loss(cfg: Config, task: Task, step: int) -> StepLoss:
-    """The loss object of `cfg.method` at `step` of `task`."""
-    return StepLoss(cfg, task, step)
+@register("mib")
+class MiB(Method):
+    """MiB (Cermelli et al., CVPR 2020): unbiased CE + lambda_kd * unbiased KD, MiB init."""
+
+    default_seg = "unbiased_ce"
+
+    def distillation(self, student, teacher, labels):
+        """lambda_kd * unbiased KD on the logits (averaged over all pixels)."""
+        return _unbiased_kd(self, student, teacher)
+
+
+@register("plop")
+class PLOP(Method):
+    """PLOP (Douillard et al., CVPR 2021): CE on entropy-thresholded pseudo-labels weighted
+    per image + Local POD on the five taps and the head-resolution logits."""
+
+    default_seg = "pseudo_ce"
+
+    def distillation(self, student, teacher, labels):
+        """s_t * PLOP's POD term (css.plop_pod)."""
+        pod = self.cfg.loss.pod
+        if student.head_logits is None or teacher.head_logits is None:
+            raise ValueError("PLOP's POD needs the logits at the head's resolution")
+        term = css.plop_pod(student.features, teacher.features, student.head_logits,
+                            teacher.head_logits, pod.lambda_pod, pod.lambda_pod_logits,
+                            pod.scales, pod.regions, pod.normalize)
+        return {"pod": self.factor * term}
+
+
+@register("icd")
+class ICD(Method):
+    """ICD: unbiased CE + unbiased KD + s_t * (internal + external distillation)."""
+
+    default_seg = "unbiased_ce"
+
+    def __init__(self, cfg: Config, task: Task, step: int):
+        super().__init__(cfg, task, step)
+        self.icd = ICDLoss.from_config(cfg.loss.icd)
+        # The model's learned MSCA, held without registering it as a submodule of the loss.
+        self._learned: tuple[MSCA, ...] = ()
+
+    @property
+    def learned_msca(self) -> bool:
+        """Whether the MSCA kernels are weights of the model (loss.icd.msca=learned)."""
+        return self.icd.learned_msca
+
+    def init_student(self, model: DeepLabV3, state: Mapping[str, torch.Tensor]) -> None:
+        """As Method, plus the learned MSCA: carried from the previous model from step 2 on,
+        new (the averaging kernels) at step 1; trainable only at step 1."""
+        if self.learned_msca and any(k.startswith(METHOD_STATE_PREFIXES) for k in state):
+            self._attach_msca(model)
+            Method.init_student(self, model, state)
+            return
+        Method.init_student(self, model, state)
+        if self.learned_msca:
+            self._attach_msca(model)
+
+    def _attach_msca(self, model: nn.Module) -> None:
+        msca = MSCA(self.cfg.loss.icd.msca_kernels, learned=True)
+        msca.requires_grad_(self.step == 1)
+        model.add_module("msca", msca)
+        self._learned = (msca,)
+
+    def distillation(self, student, teacher, labels):
+        """Unbiased KD and s_t * (lambda_int * L_int + lambda_ext * L_ext)."""
+        parts = _unbiased_kd(self, student, teacher)
+        factor = self.factor if self.cfg.loss.icd.adaptive_factor else 1.0
+        msca = self._learned[0] if self._learned else None
+        if self.learned_msca and msca is None:
+            raise RuntimeError("loss.icd.msca=learned: init_student() attaches the model's "
+                               "MSCA before training")
+        for key, value in self.icd(student.features, teacher.features, msca).items():
+            parts[key] = factor * value
+        return parts
+
+
+def build_method(cfg: Config, task: Task, step: int) -> Method:
+    """The method `cfg.method.name` at `step` of `task` (its config checked)."""
+    try:
+        cls = METHODS[cfg.method.name]
+    except KeyError:
+        raise ConfigError("method.name", f"unknown method {cfg.method.name!r}; allowed: "
+                          f"{', '.join(METHODS)}") from None
+    return cls(cfg, task, step)

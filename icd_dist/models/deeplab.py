@@ -1,7 +1,8 @@
 """DeepLabV3 with feature taps and an incremental classifier.
 
 forward(x) returns SegOutput(logits at the input's size, [layer1, layer2, layer3, layer4,
-head]); the head tap is the feature map just before the classifier.
+head], logits at the head's resolution); the head tap is the feature map just before the
+classifier.
 """
 
 from __future__ import annotations
@@ -20,20 +21,23 @@ from icd_dist.models.head import DeepLabV3Head
 
 @dataclass
 class SegOutput:
-    """Logits (N, classes, H, W) at the input size, and the five feature taps."""
+    """Logits (N, classes, H, W) at the input size, the five feature taps, and the logits at
+    the head's resolution before upsampling (PLOP distils those; None where not produced)."""
 
     logits: torch.Tensor
     features: list[torch.Tensor]
+    head_logits: torch.Tensor | None = None
 
 
 class DeepLabV3(nn.Module):
     """Backbone (4 taps) -> DeepLabV3 head (5th tap) -> incremental classifier."""
 
     def __init__(self, backbone: str, classes_per_step: Sequence[int], output_stride: int = 16,
-                 head_channels: int = 256, norm: str = "batchnorm"):
+                 head_channels: int = 256, norm: str = "batchnorm",
+                 taps: str = "post_activation"):
         super().__init__()
         self.backbone_name = backbone
-        self.backbone = build_backbone(backbone, output_stride, norm)
+        self.backbone = build_backbone(backbone, output_stride, norm, taps)
         self.head = DeepLabV3Head(TAP_CHANNELS[backbone][-1], head_channels, output_stride,
                                   norm_factory(norm))
         self.classifier = IncrementalClassifier(head_channels, classes_per_step)
@@ -49,13 +53,14 @@ class DeepLabV3(nn.Module):
 
     def forward(self, x: torch.Tensor, upsample: bool = True) -> SegOutput:
         """Logits (upsampled bilinearly to x's size unless `upsample` is False) and taps."""
-        taps = self.backbone(x)
-        head = self.head(taps[-1])
-        logits = self.classifier(head)
+        taps, out = self.backbone.taps_and_output(x)
+        head = self.head(out)
+        small = self.classifier(head)
+        logits = small
         if upsample:
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear",
+            logits = F.interpolate(small, size=x.shape[-2:], mode="bilinear",
                                    align_corners=False)
-        return SegOutput(logits, [*taps, head])
+        return SegOutput(logits, [*taps, head], small)
 
 
 def to_sync_batchnorm(model: nn.Module) -> nn.Module:
@@ -67,12 +72,13 @@ def to_sync_batchnorm(model: nn.Module) -> nn.Module:
 def build_model(model_cfg, classes_per_step: Sequence[int],
                 load_pretrained: bool = True) -> DeepLabV3:
     """A DeepLabV3 from a ModelConfig, with a classifier head per entry of classes_per_step;
-    loads model_cfg.pretrained into the backbone when given and `load_pretrained` (models
-    about to receive saved weights skip it)."""
-    from icd_dist.models.pretrained import load_pretrained_backbone
+    loads model_cfg.pretrained into the backbone when it names a file (not null or "none")
+    and `load_pretrained` (models about to receive saved weights skip it)."""
+    from icd_dist.models.pretrained import load_pretrained_backbone, pretrained_file
 
     model = DeepLabV3(model_cfg.backbone, classes_per_step, model_cfg.output_stride,
-                      model_cfg.head_channels, model_cfg.norm)
-    if load_pretrained and model_cfg.pretrained:
-        load_pretrained_backbone(model.backbone, model_cfg.pretrained, model_cfg.backbone)
+                      model_cfg.head_channels, model_cfg.norm, model_cfg.taps)
+    weights = pretrained_file(model_cfg.pretrained)  # None for null and "none"
+    if load_pretrained and weights:
+        load_pretrained_backbone(model.backbone, weights, model_cfg.backbone)
     return model

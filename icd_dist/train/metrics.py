@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = 255
+from icd_dist.css.classes import IGNORE_INDEX
 
 
 class ConfusionMatrix:

@@ -22,10 +22,11 @@ import yaml
 from icd_dist.config import Config, ConfigError, config_to_dict, dump_config
 from icd_dist.css.tasks import Task, task_from_config
 from icd_dist.data import shard_files
-from icd_dist.data.inspect import manifest_spec, selected_keys
+from icd_dist.data.inspect import eval_selected_keys, manifest_spec, selected_keys
 from icd_dist.data.manifest import MANIFEST_NAME, load_manifest
 from icd_dist.data.synthetic import build_synthetic
-from icd_dist.losses.methods import build_step_loss
+from icd_dist.losses.methods import build_method
+from icd_dist.models.pretrained import check_pretrained
 from icd_dist.train.step_worker import DONE, StepJob, train_step_worker
 from icd_dist.train.storage import Storage
 from icd_dist.train.teacher_share import put_teacher
@@ -175,11 +176,12 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
     import ray
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check_pretrained(cfg)  # VOC/ADE20K without ImageNet weights stop before anything starts
     train_dir, eval_dir = prepare_shards(cfg, log)
     train_manifest, eval_manifest = load_manifest(train_dir), load_manifest(eval_dir)
     task: Task = task_from_config(cfg, manifest_spec(train_manifest))
     for step in range(task.num_steps):  # method/loss/task mismatches fail here, not in workers
-        build_step_loss(cfg, task, step)
+        build_method(cfg, task, step)
     name = run_name(cfg, task.name)
     storage = Storage(cfg.run.storage_path).child(name)
     storage.makedirs()
@@ -198,6 +200,16 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
             ray.shutdown()
 
 
+# Model keys that do not change the step-0 model: the classifier init of later steps and
+# which activations are tapped (step 0 trains with CE on the logits only).
+STEP0_NEUTRAL_MODEL_KEYS = ("mib_init", "taps")
+
+
+def step0_model_config(model: dict) -> dict:
+    """The part of a model config (as a dict) that shapes the step-0 model."""
+    return {k: v for k, v in model.items() if k not in STEP0_NEUTRAL_MODEL_KEYS}
+
+
 def check_step0_source(cfg: Config, task: Task, source: Storage) -> None:
     """ConfigError unless the finished step 0 in `source` learned this task's step-0 classes
     with this model (the data and step-0 training are the caller's choice)."""
@@ -209,8 +221,8 @@ def check_step0_source(cfg: Config, task: Task, source: Storage) -> None:
                           f"task's step 0 is {list(task.classes_at(0))}")
     if source.exists("config.yaml"):
         model = (yaml.safe_load(source.read_bytes("config.yaml")) or {}).get("model")
-        ours = config_to_dict(cfg)["model"]
-        if model is not None and model != ours:
+        ours = step0_model_config(config_to_dict(cfg)["model"])
+        if model is not None and step0_model_config(model) != ours:
             raise ConfigError("model", f"step 0 in {source.uri()} has model {model}, this run "
                               f"has {ours}")
 
@@ -232,7 +244,6 @@ def _run_steps(cfg: Config, task: Task, name: str, storage: Storage, train_dir: 
     log(f"run {name}: {task.dataset} {task.name} ({task.setting}), method {cfg.method.name}, "
         f"{task.num_steps} steps, {cfg.engine.num_workers} workers "
         f"({'GPU' if gpu else 'CPU'}, {cfg.engine.engine}); results in {storage.uri()}")
-    eval_keys = [s.key for s in eval_manifest.samples]
     results = []
     final = task.num_steps - 1 if last_step is None else min(last_step, task.num_steps - 1)
     for step in range(final + 1):
@@ -247,11 +258,18 @@ def _run_steps(cfg: Config, task: Task, name: str, storage: Storage, train_dir: 
         if not keys:
             raise ValueError(f"step {step} of {task.name} ({task.setting}) selects no training "
                              f"image from {train_dir}")
+        # MiB/PLOP's test set of step t: the eval images with a class seen so far (other
+        # than background), unless data.eval_filter=false
+        eval_keys = eval_selected_keys(eval_manifest, task, step, cfg.data.eval_filter)
+        if not eval_keys:
+            raise ValueError(f"step {step} of {task.name} selects no evaluation image from "
+                             f"{eval_dir} (no image has a class seen so far)")
         teacher = None
         if step > 0:
             previous = storage.load_torch(f"step_{step - 1}/model.pt")
             teacher = put_teacher(previous["state_dict"])
-        log(f"step {step}: classes {list(task.classes_at(step))}, {len(keys)} training images")
+        log(f"step {step}: classes {list(task.classes_at(step))}, {len(keys)} training images, "
+            f"{len(eval_keys)} evaluation images")
         job = StepJob(cfg, task, step, name, storage.uri(), train_dir, eval_dir, keys,
                       eval_keys, teacher=teacher,
                       failure_marker_dir=str(Path(storage.uri("failures")))

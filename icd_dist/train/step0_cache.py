@@ -4,7 +4,8 @@ same step-0 identity can start from one trained model.
 
 The identity is everything that shapes the step-0 model: the data config (shards,
 augmentation, crop), the step-0 classes, the setting and the exact set of step-0 training
-images, the model config, the step-0 optimisation, the engine's numerics and the seed. Its
+images, the model config, the step-0 optimisation, the engine's numerics, the seed and the
+version of the step-0 training code (STEP0_PROTOCOL). Its
 hash is the key; `{storage_path}/step0_cache/{key}/` is a run folder holding step_0/, the
 identity (identity.json) and a record of every training of it (trainings.json).
 """
@@ -18,11 +19,14 @@ from collections.abc import Sequence
 
 from icd_dist.config import Config, config_to_dict, override, replace
 from icd_dist.css.tasks import Task
-from icd_dist.train.schedule import run_schedule
+from icd_dist.train.schedule import run_schedule, step0_model_config
 from icd_dist.train.step_worker import DONE
 from icd_dist.train.storage import Storage
 
 CACHE_FOLDER = "step0_cache"
+# Bumped whenever step-0 training changes in a way no config key shows (2: the CE averaged
+# over all pixels as MiB/PLOP, their RandomResizedCrop), so older cached models are not reused.
+STEP0_PROTOCOL = 2
 _STEP0_OPTIM = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "poly_power",
                 "batch_size", "epochs", "iterations")
 _NUMERICS = ("engine", "num_workers", "micro_batch_size", "precision", "zero_stage")
@@ -37,10 +41,11 @@ def step0_identity(cfg: Config, task: Task, train_keys: Sequence[str]) -> dict:
         "setting": task.setting,
         "classes": [int(c) for c in task.classes_at(0)],
         "train_images": hashlib.sha256("\n".join(sorted(train_keys)).encode()).hexdigest(),
-        "model": full["model"],
+        "model": step0_model_config(full["model"]),
         "optim": {k: full["optim"][k] for k in _STEP0_OPTIM},
         "engine": {k: full["engine"][k] for k in _NUMERICS},
         "seed": cfg.run.seed,
+        "protocol": STEP0_PROTOCOL,
     }
 
 

@@ -25,13 +25,7 @@ from icd_dist.config import Config, config_to_dict, micro_batch_and_accumulation
 from icd_dist.css.remap import eval_lut, train_lut
 from icd_dist.css.tasks import Task
 from icd_dist.data.pipeline import StepLoader
-from icd_dist.losses.css import EntropyHistogram
-from icd_dist.losses.methods import (
-    LEARNED_MSCA_PREFIX,
-    attach_learned_msca,
-    build_step_loss,
-    without_learned_msca,
-)
+from icd_dist.losses.methods import Method, build_method, inference_state
 from icd_dist.models.deeplab import DeepLabV3, build_model, to_sync_batchnorm
 from icd_dist.train.engine import PRECISION_DTYPES, build_engine
 from icd_dist.train.metrics import ConfusionMatrix, format_per_class_table, step_metrics
@@ -114,23 +108,17 @@ def _teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return PRECISION_DTYPES[choice]
 
 
-def build_student(job: StepJob, device: torch.device) -> DeepLabV3:
+def build_student(job: StepJob, device: torch.device, method: Method) -> DeepLabV3:
     """Step 0: a fresh model (pretrained backbone if configured), the same on every rank
-    (seeded). Step t > 0: the teacher's weights plus a new head (MiB init by default)."""
+    (seeded). Step t > 0: the teacher's weights plus a new head, initialised as the method
+    says (random for ft, MiB's for the others), the same on every rank (seeded)."""
     cfg, task, step = job.cfg, job.task, job.step
     sizes = [len(s) for s in task.steps[: step + 1]]
     torch.manual_seed(cfg.run.seed)
     if step > 0:
         arrays = fetch_teacher_arrays(job.teacher)
         model = build_model(cfg.model, sizes[:-1], load_pretrained=False)
-        # A learned MSCA comes with the previous model from step 2 on; at step 1 it is new.
-        carried = any(k.startswith(LEARNED_MSCA_PREFIX) for k in arrays)
-        if carried:
-            attach_learned_msca(cfg, model, step)
-        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
-        if not carried:
-            attach_learned_msca(cfg, model, step)
-        model.add_step(sizes[-1], mib_init=cfg.model.mib_init)
+        method.init_student(model, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
     else:
         model = build_model(cfg.model, sizes)
     if device.type == "cuda" and cfg.engine.num_workers > 1 and cfg.model.norm == "batchnorm":
@@ -150,16 +138,16 @@ def _maybe_inject_failure(job: StepJob, epoch: int, rank: int) -> None:
         os._exit(1)
 
 
-def _pseudo_thresholds(job: StepJob, teacher, loader, device, micro_batches: int) -> torch.Tensor:
-    num_old = len(job.task.old_classes(job.step))
-    hist = EntropyHistogram(num_old, device=device)
-    with torch.no_grad():
+def _data_pass(loader, device: torch.device, micro_batches: int):
+    """A function giving one pass (micro_batches batches) over the step's training data, for a
+    method's preparation; the pass does not reuse any training epoch's augmentation."""
+    def one_pass():
+        loader.set_epoch(10**6)
         for i, batch in enumerate(loader):
             if i >= micro_batches:
                 break
-            out = teacher(batch.images.to(device, non_blocking=True))
-            hist.update(out.logits, batch.labels.to(device))
-    return hist.all_reduce().thresholds(job.cfg.loss.pod.entropy_floor)
+            yield batch.images.to(device, non_blocking=True), batch.labels.to(device)
+    return one_pass
 
 
 def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
@@ -203,16 +191,15 @@ def train_step_worker(config: dict) -> None:
     per_epoch, epochs = budget(cfg, step, len(job.train_keys))
     iterations = total_iterations(cfg, step, len(job.train_keys))
     lr = cfg.optim.lr if step == 0 else cfg.optim.lr_incremental
-    loss_fn = build_step_loss(cfg, task, step).to(device)
+    method = build_method(cfg, task, step).to(device)
 
-    student = build_student(job, device)
+    student = build_student(job, device, method)
     teacher = None
-    if loss_fn.needs_teacher:
+    if method.needs_teacher:
         sizes = [len(s) for s in task.steps[:step]]
-        teacher = build_teacher(without_learned_msca(fetch_teacher_arrays(job.teacher)),
+        teacher = build_teacher(inference_state(fetch_teacher_arrays(job.teacher)),
                                 cfg.model, sizes, device, _teacher_dtype(cfg, device))
-    learned_msca = getattr(student, "msca", None) if loss_fn.learned_msca and step > 0 else None
-    params = [p for p in (*student.parameters(), *loss_fn.parameters()) if p.requires_grad]
+    params = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
     engine = build_engine(cfg, student, params, lr, iterations, on_gpu)
     # Engines consume different amounts of randomness while initialising: reseed so that
     # dropout is the same whatever the engine (and differs between ranks).
@@ -225,16 +212,14 @@ def train_step_worker(config: dict) -> None:
                               index_dir=_index_dir(job, "train"),
                               num_threads=cfg.engine.dali_threads)
     eval_loader = StepLoader(cfg.data, job.eval_shards, job.eval_keys,
-                             eval_lut(task, step, cfg.data.ignore_background), False,
+                             eval_lut(task, step, cfg.data.ignore_background,
+                                      cfg.data.eval_unseen), False,
                              cfg.eval.batch_size, rank, world, cfg.run.seed, device_id,
                              index_dir=_index_dir(job, "eval"),
                              num_threads=cfg.engine.dali_threads)
 
     start_epoch = _restore_latest_epoch(engine, storage, job)
-    if loss_fn.needs_pseudo_thresholds:
-        train_loader.set_epoch(10**6)  # a pass that does not reuse an epoch's augmentation
-        loss_fn.set_pseudo_thresholds(_pseudo_thresholds(job, teacher, train_loader, device,
-                                                         per_epoch))
+    method.prepare(teacher, _data_pass(train_loader, device, per_epoch))
 
     is_chief = rank == 0
     run_folder = Path(storage.path(job.folder)) if storage.local else \
@@ -262,8 +247,8 @@ def train_step_worker(config: dict) -> None:
             if teacher is not None:
                 with torch.no_grad():
                     teacher_out = teacher(images.to(next(teacher.parameters()).dtype))
-            loss, parts = loss_fn(engine.forward(images.to(engine.input_dtype)), teacher_out,
-                                  labels, msca=learned_msca)
+            loss, parts = method(engine.forward(images.to(engine.input_dtype)), teacher_out,
+                                 labels)
             engine.backward(loss)
             stepped = engine.step()
             global_step += int(stepped)

@@ -187,6 +187,11 @@ def test_shipped_experiment_configs_load_and_name_a_task():
             name, method = path.stem.split("_")
             assert (task.name, cfg.method.name) == (name, method)
             assert cfg.data.dataset == path.parent.name
+            if method == "plop":  # PLOP's factors per dataset (its scripts/ and argparser.py)
+                factors = {"voc": (0.01, 0.0005), "ade20k": (0.001, 0.00001)}
+                if cfg.data.dataset in factors:
+                    assert (cfg.loss.pod.lambda_pod, cfg.loss.pod.lambda_pod_logits) == \
+                        factors[cfg.data.dataset], path
 
 
 def test_config_error_survives_pickling():

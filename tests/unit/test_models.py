@@ -4,13 +4,14 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.segmentation import deeplabv3_resnet101
 
 from icd_dist.config import load_config, replace
 from icd_dist.css import get_task
-from icd_dist.losses.methods import build_step_loss
+from icd_dist.losses.methods import build_method
 from icd_dist.models import (
     DeepLabV3,
     PretrainedFormatError,
@@ -178,7 +179,7 @@ def test_resnet18_forward_backward_with_icd_loss_on_cpu():
     student = build_model(cfg.model, [16])
     teacher = make_teacher(student)
     student.add_step(5)
-    loss_fn = build_step_loss(cfg, task, 1)
+    loss_fn = build_method(cfg, task, 1)
     x = torch.randn(2, 3, 256, 256)
     labels = torch.randint(0, 21, (2, 256, 256))
     labels[labels < 16] = 0
@@ -217,7 +218,7 @@ def test_training_step_with_fused_default_equals_eager():
     for impl in ("auto", "eager"):
         student = copy.deepcopy(initial)
         optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-        loss_fn = build_step_loss(replace(cfg, [f"loss.icd.impl={impl}"]), task, 1)
+        loss_fn = build_method(replace(cfg, [f"loss.icd.impl={impl}"]), task, 1)
         torch.manual_seed(1)  # the same dropout masks in both runs
         loss, parts = loss_fn(student(x), t_out, labels)
         loss.backward()
@@ -241,3 +242,38 @@ def test_sync_batchnorm_conversion_keeps_weights():
     assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
     gn = to_sync_batchnorm(DeepLabV3("resnet18", [3], head_channels=8, norm="groupnorm"))
     assert nn.SyncBatchNorm not in {type(m) for m in gn.modules()}
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "mobilenet_v3_large"])
+def test_pre_activation_taps_are_plops_and_leave_the_network_unchanged(backbone):
+    torch.manual_seed(0)
+    post = DeepLabV3(backbone, [3], head_channels=16).eval()
+    pre = DeepLabV3(backbone, [3], head_channels=16, taps="pre_activation").eval()
+    pre.load_state_dict(post.state_dict())  # same weights: only the taps differ
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = post(x), pre(x)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
+    torch.testing.assert_close(b.features[4], a.features[4], rtol=0, atol=0)  # the head tap
+    if backbone == "mobilenet_v3_large":
+        # stage ends are linear already; the last 1x1 conv is tapped before its hardswish
+        for i in range(3):
+            torch.testing.assert_close(b.features[i], a.features[i], rtol=0, atol=0)
+        changed = [3]
+        torch.testing.assert_close(F.hardswish(b.features[3]), a.features[3])
+    else:
+        changed = [0, 1, 2, 3]
+        for i in changed:  # the residual sum before the ReLU
+            torch.testing.assert_close(torch.relu(b.features[i]), a.features[i], rtol=0, atol=0)
+    for i in changed:
+        assert (b.features[i] < 0).any()  # PLOP's taps keep the negative part
+    # gradients reach the backbone through a pre-activation tap
+    pre.train()
+    out = pre(x)
+    out.features[0].pow(2).mean().backward()
+    assert next(pre.backbone.parameters()).grad.abs().sum() > 0
+
+
+def test_unknown_taps_are_refused():
+    with pytest.raises(ValueError, match="pre_activation"):
+        DeepLabV3("resnet18", [3], head_channels=8, taps="middle")

@@ -24,13 +24,23 @@ def test_step0_key_is_shared_exactly_where_step0_is_the_same():
     assert key_of(cfg, "2-1") != key_of(cfg, "3-1")  # other step-0 classes
     # Distillation weights and incremental optimisation do not shape step 0 ...
     for override in ("loss.icd.lambda_int=7", "loss.lambda_kd=0", "optim.lr_incremental=0.1",
-                     "optim.epochs_incremental=1", "method.name=mib"):
+                     "optim.epochs_incremental=1", "method.name=mib",
+                     "method.name=plop", "model.taps=pre_activation", "model.mib_init=true"):
         assert key_of(replace(cfg, [override]), "2-1") == key_of(cfg, "2-1"), override
     # ... everything that trains step 0 does.
     for override in ("optim.lr=0.1", "optim.epochs=3", "run.seed=1", "model.head_channels=16",
-                     "data.crop_size=32", "engine.num_workers=2"):
+                     "data.crop_size=32", "data.crop_mode=padded", "engine.num_workers=2"):
         assert key_of(replace(cfg, [override]), "2-1") != key_of(cfg, "2-1"), override
     assert key_of(cfg, "2-1", KEYS[:-1]) != key_of(cfg, "2-1")  # another image set
+
+
+def test_step0_key_changes_with_the_step0_training_code(monkeypatch):
+    import icd_dist.train.step0_cache as cache
+
+    cfg = load_config("configs/tune/demo.yaml")
+    before = key_of(cfg, "2-1")
+    monkeypatch.setattr(cache, "STEP0_PROTOCOL", cache.STEP0_PROTOCOL + 1)
+    assert key_of(cfg, "2-1") != before
 
 
 def test_search_space_and_params():

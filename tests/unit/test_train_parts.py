@@ -107,3 +107,24 @@ def test_summary_table_and_plots(tmp_path):
     paths = write_plots(steps, tmp_path)
     assert all(p.is_file() and p.stat().st_size > 1000 for p in paths)
     assert np.all([p.suffix == ".png" for p in paths])
+
+
+def test_step0_source_is_shared_across_methods_but_not_across_models(tmp_path):
+    from icd_dist.config import dump_config, replace
+    from icd_dist.css import get_task
+    from icd_dist.train.schedule import check_step0_source
+
+    task = get_task("camvid", "6-5")
+    ft = load_config("configs/camvid/6-5_ft.yaml")
+    source = Storage(str(tmp_path / "step0"))
+    source.makedirs()
+    source.write_bytes("config.yaml", dump_config(ft).encode())
+    source.write_json("step_0/metrics.json", {"classes": list(task.classes_at(0))})
+    source.write_bytes("step_0/DONE", b"done\n")
+    # PLOP taps pre-activations and ft initialises its head randomly: same step-0 model
+    for path in ("configs/camvid/6-5_plop.yaml", "configs/camvid/6-5_mib.yaml",
+                 "configs/camvid/6-5_icd.yaml"):
+        check_step0_source(load_config(path), task, source)
+    assert load_config("configs/camvid/6-5_plop.yaml").model.taps == "pre_activation"
+    with pytest.raises(ConfigError, match="model"):
+        check_step0_source(replace(ft, ["model.head_channels=64"]), task, source)
