@@ -1,6 +1,7 @@
 """The command line shared by the entry points that run a config (`icd_dist.run`,
 `icd_dist.tune`): --config, key=value overrides, --print-config, and exit status 2 with a
-clear message for a configuration or input error."""
+clear message for a configuration or input error (model.pretrained is checked here, before
+the command starts anything)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ def run_config_command(prog: str, doc: str, config_help: str, override_example: 
         print(dump_config(cfg))
         return 0
     try:
+        # before anything starts (Ray included): VOC/ADE20K need ImageNet weights
+        from icd_dist.models.pretrained import check_pretrained
+
+        check_pretrained(cfg)
         result = action(cfg, args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,8 +2,11 @@
 
 - Training labels: the classes new at step t keep their id (their logit index), every other
   class becomes background 0, 255 stays 255.
-- Test labels: every class seen up to step t keeps its id, unseen classes become 0.
-- `ignore_background` (ADE20K as MiB): the dataset's own id 0 becomes 255 in both.
+- Test labels: every class seen up to step t keeps its id; unseen classes become 0
+  (unseen="background", PLOP's dataset/voc.py and ade.py: "Future classes will be considered
+  as background") or 255 (unseen="ignore", MiB's: its test set masks them with 255).
+- `ignore_background` (ADE20K as MiB's dataset/ade.py): the dataset's own id 0 becomes 255 in
+  the test labels only; training labels keep it as background 0 (MiB trains with it).
 
 Each rule is one lookup table of 256 entries over the CSS ids of a uint8 label map; ids the
 dataset does not have are marked -1 and make `apply_lut` raise instead of passing through.
@@ -12,6 +15,7 @@ dataset does not have are marked -1 and make `apply_lut` raise instead of passin
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,12 +24,15 @@ from icd_dist.css.classes import IGNORE_INDEX
 from icd_dist.css.tasks import Task
 
 INVALID = -1
+UNSEEN = ("background", "ignore")  # eval_lut: what unseen classes become
 
 
-def _lut(task: Task, keep: Iterable[int], ignore_background: bool) -> np.ndarray:
+def _lut(task: Task, keep: Iterable[int], ignore_background: bool,
+         others: int = 0) -> np.ndarray:
     num_classes = task.spec.num_classes
     lut = np.full(256, INVALID, dtype=np.int16)
-    lut[:num_classes] = 0
+    lut[:num_classes] = others
+    lut[0] = 0
     for c in keep:
         lut[c] = task.index_of(c)
     lut[IGNORE_INDEX] = IGNORE_INDEX
@@ -36,14 +43,24 @@ def _lut(task: Task, keep: Iterable[int], ignore_background: bool) -> np.ndarray
 
 def train_lut(task: Task, step: int, ignore_background: bool = False) -> np.ndarray:
     """Lookup table (int16[256]) for training labels at `step`: current classes -> their
-    index, other classes -> 0, 255 -> 255, ids outside the dataset -> -1."""
-    return _lut(task, task.classes_at(step), ignore_background)
+    index, other classes -> 0, 255 -> 255, ids outside the dataset -> -1.
+
+    `ignore_background` changes nothing here (accepted so that callers pass the data config
+    alike to both tables): as MiB's dataset/ade.py, id 0 stays background 0 in training and
+    is ignored only in the test labels (`eval_lut`)."""
+    return _lut(task, task.classes_at(step), False)
 
 
-def eval_lut(task: Task, step: int, ignore_background: bool = False) -> np.ndarray:
+def eval_lut(task: Task, step: int, ignore_background: bool = False,
+             unseen: Literal["background", "ignore"] = "background") -> np.ndarray:
     """Lookup table (int16[256]) for evaluation (test) labels at `step`: seen classes -> their
-    index, unseen classes -> 0, 255 -> 255, ids outside the dataset -> -1."""
-    return _lut(task, task.seen_classes(step), ignore_background)
+    index, unseen classes -> 0 (unseen="background", PLOP) or 255 (unseen="ignore", MiB),
+    255 -> 255, ids outside the dataset -> -1; with `ignore_background` the dataset's id 0
+    -> 255 (ADE20K as MiB)."""
+    if unseen not in UNSEEN:
+        raise ValueError(f"unseen must be one of {', '.join(UNSEEN)}, got {unseen!r}")
+    others = 0 if unseen == "background" else IGNORE_INDEX
+    return _lut(task, task.seen_classes(step), ignore_background, others)
 
 
 def apply_lut(lut: np.ndarray, labels: np.ndarray | torch.Tensor,

@@ -1,11 +1,18 @@
-"""Which training images a step of a task selects, from the classes present in each label map.
+"""Which training and evaluation images a step of a task selects, from the classes present in
+each label map.
 
+Training images of a step (`selection_mask`), by the task's setting:
 - overlap: the image has a pixel of a class new at this step (background does not count);
 - disjoint: that, and every class in the image is old, current, background 0 or 255
   (so an image showing a future class is left out).
 
-This is the rule of MiB's `filter_images`, vectorised: a presence matrix (images x classes)
-is built once and every step is a couple of boolean reductions over it.
+Which evaluation (test) images a step is scored on, `eval_selection_mask`:
+- the image has a pixel of a class seen up to this step other than background 0; an image
+  whose only labels are 0, 255 or classes of later steps is left out.
+
+These are the rules of MiB's `filter_images` (MiB and PLOP dataset/utils.py), vectorised: a
+presence matrix (images x classes) is built once and every step is a couple of boolean
+reductions over it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,20 @@ def selection_mask(presence: np.ndarray, task: Task, step: int,
         allowed[0] = True
         selected &= ~presence[:, ~allowed].any(axis=1)
     return selected
+
+
+def eval_selection_mask(presence: np.ndarray, task: Task, step: int) -> np.ndarray:
+    """Bool vector over evaluation images: which ones `step` is scored on.
+
+    An image is kept when it has a pixel of a class seen up to `step` (steps 0..step) other
+    than background 0. This is MiB's and PLOP's test set: their run.py `get_dataset` builds it
+    with labels = every seen class and no old labels, so `filter_images` (overlap=True,
+    0 removed from the labels) keeps an image when any id in it, 0 and 255 aside, is seen.
+    The setting (overlap/disjoint) does not matter: the test set is filtered the same way."""
+    seen = [c for c in task.seen_classes(step) if c != 0]
+    if not seen:
+        return np.zeros(len(presence), dtype=bool)
+    return presence[:, seen].any(axis=1)
 
 
 def is_selected(classes_present: Iterable[int], task: Task, step: int,

@@ -2,11 +2,15 @@
 selected samples), sharded by rank, decoded on the GPU ("mixed") when the worker has one and
 by DALI's CPU operators otherwise (device_id=None).
 
-Same semantics as transforms.py: the crop box (area s * H * W, s ~ U(scale), log-uniform
-aspect, placed to overlap the image as much as it can, padded with 0 / 255), resize to the
-crop (linear for the image, nearest for the mask), one flip for both; evaluation resizes
-the shorter side (same rounding) and centre-crops. The step's label lookup table is applied
-in torch after the iterator.
+Same semantics as transforms.py, with DALI's random generator: crop_mode "inside" is MiB/PLOP's
+RandomResizedCrop (10 draws of a box of area s * H * W, s ~ U(scale), log-uniform aspect,
+sides rounded half to even; the first that fits in the image placed uniformly inside it, else
+their central fallback), computed in float64 by `inside_crop_box`, the operator version of
+transforms.crop_box_from_uniforms (the same box from the same uniforms); the box always lies
+in the image. crop_mode "padded" is the previous variant (one draw, placed to overlap the image
+as much as it can, padded with 0 / 255). Then resize to the crop (linear for the image, nearest
+for the mask), one flip for both; evaluation resizes the shorter side (same rounding) and
+centre-crops. The step's label lookup table is applied in torch after the iterator.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from icd_dist.css.classes import IGNORE_INDEX
 from icd_dist.css.remap import apply_lut
-from icd_dist.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from icd_dist.data.transforms import CROP_ATTEMPTS, CROP_MODES, IMAGENET_MEAN, IMAGENET_STD
 
 
 def dali_available() -> bool:
@@ -46,6 +51,7 @@ class DaliOptions:
     num_threads: int = 2
     device_id: int | None = None  # None = CPU operators only
     shuffle_buffer: int = 256
+    crop_mode: str = "inside"  # "inside" (MiB/PLOP) or "padded", as transforms.py
 
 
 def _build_pipeline(paths: Sequence[str], index_paths: Sequence[str], shard_id: int,
@@ -68,7 +74,19 @@ def _build_pipeline(paths: Sequence[str], index_paths: Sequence[str], shard_id: 
             label = label.gpu()
         shape = fn.peek_image_shape(jpg, dtype=types.FLOAT)
         height, width = shape[0], shape[1]
-        if o.train:
+        if o.train and o.crop_mode == "inside":
+            u_scale, u_ratio = (fn.random.uniform(range=[0.0, 1.0], shape=[CROP_ATTEMPTS],
+                                                  dtype=types.FLOAT64) for _ in range(2))
+            u_top, u_left = (fn.random.uniform(range=[0.0, 1.0], dtype=types.FLOAT64)
+                             for _ in range(2))
+            shape64 = fn.cast(shape, dtype=types.FLOAT64)
+            top, left, h, w = inside_crop_box(shape64[0], shape64[1], u_scale, u_ratio,
+                                              u_top, u_left, o.scale, o.ratio)
+            # integer values: exact as int32 (slice takes no float64)
+            anchor = fn.cast(fn.stack(top, left), dtype=types.INT32)
+            box = fn.cast(fn.stack(h, w), dtype=types.INT32)
+            image, label = _crop_pair(fn, image, label, anchor, box, inside=True)
+        elif o.train:
             s = fn.random.uniform(range=list(o.scale))
             log_r = fn.random.uniform(range=[math.log(o.ratio[0]), math.log(o.ratio[1])])
             aspect = dmath.exp(log_r)
@@ -79,6 +97,7 @@ def _build_pipeline(paths: Sequence[str], index_paths: Sequence[str], shard_id: 
             left = _place(width, w, fn.random.uniform(range=[0.0, 1.0]), dmath)
             anchor, box = fn.stack(top, left), fn.stack(h, w)
             image, label = _crop_pair(fn, image, label, anchor, box)
+        if o.train:
             size = [o.crop_size, o.crop_size]
             image, label = _resize_pair(fn, types, image, label, size)
             flip = fn.random.coin_flip(probability=0.5 if o.hflip else 0.0)
@@ -105,12 +124,15 @@ def _build_pipeline(paths: Sequence[str], index_paths: Sequence[str], shard_id: 
     return css_pipeline()
 
 
-def _crop_pair(fn, image, label, anchor, box):
-    """The same box (absolute pixels, may leave the image) from image (padded with 0) and
-    label (padded with 255)."""
+def _crop_pair(fn, image, label, anchor, box, inside=False):
+    """The same box (absolute pixels) from image and label: inside=True, the box must lie in
+    the image (DALI raises otherwise); else it may leave it, padded with 0 (image) and 255
+    (label)."""
+    policy = "error" if inside else "pad"
+
     def crop(data, fill):
         return fn.slice(data, anchor, box, axes=[0, 1], normalized_anchor=False,
-                        normalized_shape=False, out_of_bounds_policy="pad", fill_values=fill)
+                        normalized_shape=False, out_of_bounds_policy=policy, fill_values=fill)
     return crop(image, 0), crop(label, IGNORE_INDEX)
 
 
@@ -126,6 +148,51 @@ def _place(size, box, u, dmath):
     return lo + dmath.floor(u * (hi - lo + 1))
 
 
+def _round_half_even(x, dmath):
+    """Python's round() of a non-negative float64 DataNode: nearest integer, ties to even."""
+    r = dmath.floor(x)
+    d = x - r  # exact
+    odd = r - 2.0 * dmath.floor(r * 0.5)
+    return r + (d > 0.5) + (d == 0.5) * odd
+
+
+def inside_crop_box(height, width, u_scale, u_ratio, u_top, u_left,
+                    scale: tuple[float, float] = (0.5, 2.0),
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    """(top, left, h, w) float64 DataNodes (integer values) of MiB/PLOP's RandomResizedCrop,
+    exactly transforms.crop_box_from_uniforms with DALI operators (to be called in a pipeline
+    definition): height, width float64 scalars; u_scale, u_ratio float64 (CROP_ATTEMPTS,)
+    uniforms in [0, 1); u_top, u_left float64 scalar uniforms. All attempts are computed at
+    once and the first that fits is picked (index CROP_ATTEMPTS: the central fallback)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    n = CROP_ATTEMPTS
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    target = (scale[0] + (scale[1] - scale[0]) * u_scale) * (height * width)
+    aspect = dmath.exp(log_lo + (log_hi - log_lo) * u_ratio)
+    ws = _round_half_even(dmath.sqrt(target * aspect), dmath)
+    hs = _round_half_even(dmath.sqrt(target / aspect), dmath)
+    fits = fn.cast((ws <= width) & (hs <= height), dtype=types.INT32)
+    # attempt k if it fits, else n; the smallest is the first that fits (n: none did)
+    order = types.Constant(np.arange(n, dtype=np.int32), dtype=types.INT32)
+    first = fn.reductions.min(fits * (order - n) + n)
+    # the central fallback, as candidate number n
+    in_ratio = width / height
+    narrow = fn.cast(in_ratio < min(ratio), dtype=types.FLOAT64)
+    wide = fn.cast(in_ratio > max(ratio), dtype=types.FLOAT64)
+    fb_w = wide * _round_half_even(height * max(ratio), dmath) + (1.0 - wide) * width
+    fb_h = narrow * _round_half_even(width / min(ratio), dmath) + (1.0 - narrow) * height
+    w = fn.cat(ws, fn.stack(fb_w))[first]
+    h = fn.cat(hs, fn.stack(fb_h))[first]
+    fallback = fn.cast(first == n, dtype=types.FLOAT64)
+    top = (fallback * dmath.floor((height - h) * 0.5)
+           + (1.0 - fallback) * dmath.min(dmath.floor(u_top * (height - h + 1.0)), height - h))
+    left = (fallback * dmath.floor((width - w) * 0.5)
+            + (1.0 - fallback) * dmath.min(dmath.floor(u_left * (width - w + 1.0)), width - w))
+    return top, left, h, w
+
+
 class DaliLoader:
     """Iterates (images float32 (N, 3, h, w), labels int64 (N, h, w) with `lut` applied) over
     one epoch of this rank's part of the selected samples; iterate again for the next epoch."""
@@ -134,6 +201,8 @@ class DaliLoader:
                  lut: np.ndarray | None, rank: int = 0, world_size: int = 1):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        if options.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {options.crop_mode!r}")
         if not paths:
             raise ValueError("the selection is empty: no shard has a selected sample")
         self.pipeline = _build_pipeline(paths, index_paths, rank, world_size, options)

@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from icd_dist.css.classes import DATASETS, DatasetSpec, generic_spec
-from icd_dist.css.selection import images_per_step, presence_matrix, selection_mask
+from icd_dist.css.selection import (
+    eval_selection_mask,
+    images_per_step,
+    presence_matrix,
+    selection_mask,
+)
 from icd_dist.css.tasks import Task
 from icd_dist.data.manifest import Manifest, load_manifest
 
@@ -26,6 +31,18 @@ def selected_keys(manifest: Manifest, task: Task, step: int) -> list[str]:
     """Keys of the samples that `step` of `task` trains on (the task's setting)."""
     presence = presence_matrix(manifest.class_sets(), manifest.num_classes)
     mask = selection_mask(presence, task, step)
+    return [s.key for s, keep in zip(manifest.samples, mask, strict=True) if keep]
+
+
+def eval_selected_keys(manifest: Manifest, task: Task, step: int,
+                       filtered: bool = True) -> list[str]:
+    """Keys of the evaluation samples that `step` of `task` is scored on: those with a class
+    seen up to `step` other than background (MiB/PLOP's test set, `eval_selection_mask`), or
+    every sample of the manifest when not `filtered` (data.eval_filter=false)."""
+    if not filtered:
+        return [s.key for s in manifest.samples]
+    presence = presence_matrix(manifest.class_sets(), manifest.num_classes)
+    mask = eval_selection_mask(presence, task, step)
     return [s.key for s, keep in zip(manifest.samples, mask, strict=True) if keep]
 
 

@@ -59,12 +59,12 @@ class StepLoader:
             tars, idx = write_step_index(manifest, shard_dir, keys, index_dir)
             options = DaliOptions(batch_size, train, data.crop_size,
                                   (data.scale_min, data.scale_max), hflip=data.hflip,
-                                  eval_size=data.eval_size, seed=seed, num_threads=num_threads,
-                                  device_id=device_id)
+                                  crop_mode=data.crop_mode, eval_size=data.eval_size,
+                                  seed=seed, num_threads=num_threads, device_id=device_id)
             self._dali = DaliLoader(tars, idx, options, lut, rank, world_size)
         else:
             augment = AugmentConfig(train, data.crop_size, (data.scale_min, data.scale_max),
-                                    data.hflip, data.eval_size)
+                                    data.hflip, data.eval_size, crop_mode=data.crop_mode)
             self._dataset = ShardDataset(shard_dir, keys, lut, augment, seed, data.bad_samples)
 
     def set_epoch(self, epoch: int) -> None:

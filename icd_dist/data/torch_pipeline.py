@@ -34,6 +34,7 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
     eval_size: int | None = 512  # None: no resize or crop (raw decode)
+    crop_mode: str = "inside"  # "inside" (MiB/PLOP's RandomResizedCrop) or "padded"
 
 
 class ShardDataset(Dataset):
@@ -109,7 +110,8 @@ class ShardDataset(Dataset):
         if a.train:
             g = torch.Generator().manual_seed(
                 int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
-            image, label = train_transform(image, label, a.crop_size, g, a.scale, a.hflip)
+            image, label = train_transform(image, label, a.crop_size, g, a.scale, a.hflip,
+                                           mode=a.crop_mode)
         elif a.eval_size is not None:
             image, label = eval_transform(image, label, a.eval_size)
         if self.lut is not None:

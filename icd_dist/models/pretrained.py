@@ -9,6 +9,11 @@ Formats recognised:
   "module.mod2.block1.proj_conv.weight", ...}}. Those networks were trained with
   leaky-ReLU(0.01) activations fused into their norm layers; here they run with ReLU, so
   the weights are a close initialisation, not an exact copy of that network.
+
+`model.pretrained` names that file; null (not set) or the string "none" mean no file. VOC and
+ADE20K runs need one (every published result starts from an ImageNet-pretrained ResNet):
+`check_pretrained` stops such a run before anything starts unless the config says
+`model.pretrained: none` on purpose.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from icd_dist.config import Config, ConfigError
+
+NO_WEIGHTS = "none"  # model.pretrained: deliberately no ImageNet weights (train from scratch)
+NEEDS_WEIGHTS = ("voc", "ade20k")  # data.dataset values whose runs need model.pretrained
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 _IABN_BLOCK = re.compile(r"^mod([2-5])\.block(\d+)\.(.+)$")
 _IABN_EPS = 1e-5
@@ -105,3 +114,42 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | Path, name: str = 
         )
     backbone.load_state_dict(state, strict=False)
     return fmt
+
+
+def pretrained_file(value: str | None) -> str | None:
+    """The weights file that a model.pretrained value names; None for null, "" and "none"
+    (any case): no ImageNet weights."""
+    if value is None or not value.strip() or value.strip().lower() == NO_WEIGHTS:
+        return None
+    return value
+
+
+def accepted_weights(backbone: str) -> str:
+    """The weights files model.pretrained accepts, in words (for error messages)."""
+    return (f"a torchvision ImageNet state dict of model.backbone={backbone} (e.g. "
+            f"{backbone}-*.pth as torchvision publishes it) or MiB/PLOP's in-place-ABN ImageNet "
+            "checkpoint (resnet101_iabn_sync.pth.tar, for resnet101)")
+
+
+def check_pretrained(cfg: Config) -> None:
+    """ConfigError on key model.pretrained, before anything trains, when a VOC or ADE20K run
+    has no ImageNet weights (model.pretrained null; "none" says so on purpose), or when the
+    file it names does not exist. Other datasets (CamVid, synthetic) train from scratch and
+    are checked only for a named file that is missing."""
+    value = cfg.model.pretrained
+    path = pretrained_file(value)
+    if path is None:
+        if cfg.data.dataset in NEEDS_WEIGHTS and (value is None or not value.strip()):
+            raise ConfigError(
+                "model.pretrained",
+                f"data.dataset={cfg.data.dataset} needs ImageNet weights for the backbone "
+                "(every published VOC/ADE20K result starts from an ImageNet-pretrained "
+                f"ResNet); name a file: {accepted_weights(cfg.model.backbone)}. Weights are "
+                f"never downloaded. model.pretrained={NO_WEIGHTS} trains from scratch on "
+                "purpose")
+        return
+    if not Path(path).is_file():  # as load_pretrained_backbone opens it
+        raise ConfigError(
+            "model.pretrained", f"weights file not found: {path} (expected "
+            f"{accepted_weights(cfg.model.backbone)}; model.pretrained={NO_WEIGHTS} trains "
+            "from scratch)")

@@ -1,5 +1,7 @@
 """The DALI (CPU operators) and torch pipelines on the same shards: the same outputs with
-augmentation off; aligned image and mask, and only source ids, with augmentation on."""
+augmentation off; aligned image and mask, and only source ids, with augmentation on; the same
+training crop rule (each pipeline draws with its own generator: the DALI operators give the box
+the torch rule gives for the same uniforms), never padded unless crop_mode is "padded"."""
 
 import numpy as np
 import pytest
@@ -112,25 +114,113 @@ def _check_aligned(images, labels, source_ids):
             assert red[padded].abs().max().item() < 20
 
 
+@pytest.mark.parametrize("crop_mode", ["inside", "padded"])
 @pytest.mark.parametrize("pipeline", ["torch", "dali"])
-def test_augmentation_on_keeps_image_and_mask_aligned(aligned_shards, pipeline):
+def test_augmentation_on_keeps_image_and_mask_aligned(aligned_shards, pipeline, crop_mode):
     manifest = load_manifest(aligned_shards)
     keys = [s.key for s in manifest.samples]
     source_ids = set().union(*[set(s.classes) for s in manifest.samples])
+    padded = 0
     for seed in (0, 1, 2):
         if pipeline == "torch":
             batches = torch_batches(aligned_shards, keys, AugmentConfig(
-                train=True, crop_size=64, scale=(0.5, 2.0)), seed=seed)
+                train=True, crop_size=64, scale=(0.5, 2.0), crop_mode=crop_mode), seed=seed)
             images = torch.cat([b.images for b in batches])
             labels = torch.cat([b.labels for b in batches])
         else:
             batches = dali_batches(aligned_shards, keys, DaliOptions(
-                batch_size=3, train=True, crop_size=64, seed=seed + 1, shuffle_buffer=4),
-                index=f"idx{seed}")
+                batch_size=3, train=True, crop_size=64, seed=seed + 1, shuffle_buffer=4,
+                crop_mode=crop_mode), index=f"idx{seed}")
             images = torch.cat([b[0] for b in batches])
             labels = torch.cat([b[1] for b in batches])
         assert images.shape == (6, 3, 64, 64)
         _check_aligned(images, labels, source_ids)
+        padded += int((labels == 255).sum())
+    if crop_mode == "inside":  # the source masks have no 255: nothing was padded
+        assert padded == 0
+    else:  # a box larger than the image (s > 1 half of the time) is padded with 255
+        assert padded > 0
+
+
+def test_default_train_crop_never_pads(aligned_shards):
+    """Both pipelines with their default settings: the crop lies inside the image."""
+    keys = [s.key for s in load_manifest(aligned_shards).samples]
+    for seed in range(4):
+        t = torch_batches(aligned_shards, keys, AugmentConfig(train=True, crop_size=48),
+                          seed=seed)
+        d = dali_batches(aligned_shards, keys, DaliOptions(batch_size=6, train=True,
+                                                           crop_size=48, seed=seed + 1),
+                         index=f"idx_default{seed}")
+        labels = torch.cat([b.labels for b in t] + [b[1] for b in d])
+        assert labels.shape == (12, 48, 48)
+        assert labels.max().item() < 255
+
+
+def test_dali_crop_box_is_the_torch_rule():
+    """The DALI operators' box (inside_crop_box) equals transforms.crop_box_from_uniforms, the
+    rule sample_crop_params applies, for the same uniforms: thousands of random uniforms on
+    odd, elongated and tiny images, plus exact rounding ties (scale 1/4, aspect 1)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from icd_dist.data.dali_pipeline import inside_crop_box
+    from icd_dist.data.transforms import crop_box_from_uniforms
+
+    rng = np.random.default_rng(0)
+    shapes = [(512, 512), (37, 300), (300, 37), (1, 1), (375, 500), (500, 375), (7, 13),
+              (1, 2), (2, 1), (101, 120), (100, 200)]
+    shapes += [tuple(int(v) for v in rng.integers(1, 700, 2)) for _ in range(53)]
+    n = 1024
+    cases = [(np.array(shapes[i % len(shapes)], np.float64), rng.random(10), rng.random(10),
+              np.float64(rng.random()), np.float64(rng.random())) for i in range(n)]
+    ties = [(np.array([k, k], np.float64), np.zeros(10), rng.random(10),
+             np.float64(u), np.float64(1 - u)) for k in (5, 7, 9, 11) for u in (0.0, 0.5, 0.99)]
+
+    def run(batch, scale, ratio):
+        @pipeline_def(batch_size=len(batch), num_threads=1, device_id=None, seed=0,
+                      exec_dynamic=True)
+        def boxes():
+            hw, us, ur, ut, ul = fn.external_source(
+                source=lambda: [[c[i] for c in batch] for i in range(5)], num_outputs=5,
+                batch=True, dtype=types.FLOAT64)
+            return inside_crop_box(hw[0], hw[1], us, ur, ut, ul, scale, ratio)
+
+        pipe = boxes()
+        pipe.build()
+        out = pipe.run()
+        got = [tuple(int(np.array(o[i])) for o in out) for i in range(len(batch))]
+        want = [crop_box_from_uniforms(int(c[0][0]), int(c[0][1]), c[1], c[2], float(c[3]),
+                                       float(c[4]), scale, ratio) for c in batch]
+        return got, want
+
+    got, want = run(cases, (0.5, 2.0), (3 / 4, 4 / 3))
+    assert got == want
+    fallbacks = sum(b == crop_box_from_uniforms(int(c[0][0]), int(c[0][1]), [0.99] * 10,
+                                                [0.5] * 10, 0, 0)
+                    for b, c in zip(want, cases, strict=True))
+    assert 50 < fallbacks < n - 50, fallbacks  # both branches exercised
+    got, want = run(ties, (0.25, 0.25), (1.0, 1.0))
+    assert got == want
+    # sqrt(k^2 / 4) = k / 2 rounds half to even: 5 -> 2, 7 -> 4, 9 -> 4, 11 -> 6
+    assert sorted({b[2] for b in want}) == [2, 4, 6]
+
+
+def test_step_loader_passes_the_crop_mode(aligned_shards):
+    keys = [s.key for s in load_manifest(aligned_shards).samples]
+    for kind in ("torch", "dali"):
+        found = {}
+        for mode in ("inside", "padded"):
+            data = load_config(None, ["data.crop_size=32", f"data.pipeline={kind}",
+                                      "data.loader_workers=0", f"data.crop_mode={mode}"]).data
+            assert data.crop_mode == mode
+            labels = []
+            for seed in range(3):
+                loader = StepLoader(data, aligned_shards, keys, None, train=True, batch_size=3,
+                                    seed=seed, index_dir=aligned_shards / f"i_{kind}{mode}{seed}")
+                labels += [b.labels for b in loader]
+            found[mode] = bool((torch.cat(labels) == 255).any())
+        assert found == {"inside": False, "padded": True}
+    with pytest.raises(Exception, match="data.crop_mode"):
+        load_config(None, ["data.crop_mode=reflect"])
 
 
 def test_torch_pipeline_epochs_ranks_and_determinism(aligned_shards):

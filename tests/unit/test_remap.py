@@ -47,11 +47,12 @@ def test_torch_and_numpy_agree_and_torch_gives_int64():
 
 
 def test_ignore_background_option():
+    # as MiB's dataset/ade.py: id 0 is background in training, ignored only at test
     task = get_task("ade20k", "100-50")
     labels = np.array([[0, 5, 120, 255]], dtype=np.uint8)
     assert apply_lut(train_lut(task, 1), labels).tolist() == [[0, 0, 120, 255]]
     assert apply_lut(train_lut(task, 1, ignore_background=True), labels).tolist() == \
-        [[255, 0, 120, 255]]
+        [[0, 0, 120, 255]]
     assert apply_lut(eval_lut(task, 0, ignore_background=True), labels).tolist() == \
         [[255, 5, 0, 255]]
 
