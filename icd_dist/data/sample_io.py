@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
+from icd_dist.css.classes import IGNORE_INDEX
 from icd_dist.data.errors import BadSampleError
 from icd_dist.data.manifest import SampleRecord
 from icd_dist.data.shard_files import ShardFile
@@ -47,8 +48,8 @@ def decode_sample(jpg: bytes, png: bytes, record: SampleRecord, num_classes: int
         raise BadSampleError(f"image is {image.shape[2]}x{image.shape[1]} but label is "
                              f"{label.shape[1]}x{label.shape[0]}", key, shard)
     ids = np.flatnonzero(np.bincount(label.numpy().ravel(), minlength=256))
-    bad = [int(i) for i in ids if i >= num_classes and i != 255]
+    bad = [int(i) for i in ids if i >= num_classes and i != IGNORE_INDEX]
     if bad:
-        raise BadSampleError(f"label ids {bad} outside 0..{num_classes - 1} (and 255)", key,
-                             shard)
+        raise BadSampleError(f"label ids {bad} outside 0..{num_classes - 1} (and "
+                             f"{IGNORE_INDEX})", key, shard)
     return image, label
