@@ -1,16 +1,19 @@
 """The command line shared by the entry points that run a config (`icd_dist.run`,
-`icd_dist.tune`): --config, key=value overrides, --print-config, and exit status 2 with a
-clear message for a configuration or input error (model.pretrained is checked here, before
-the command starts anything)."""
+`icd_dist.tune`): --config, key=value overrides, --print-config, and one `error: ...` line
+with exit status 2 for a configuration or input error (model.pretrained is checked here,
+before the command starts anything; bad shards and bad samples are input errors), 1 for a
+step that failed otherwise (its traceback in the run folder's run.log)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
 from icd_dist.config import Config, ConfigError, dump_config, load_config
+from icd_dist.data.errors import BadSampleError, BadShardError
 
 
 def run_config_command(prog: str, doc: str, config_help: str, override_example: str,
@@ -35,16 +38,31 @@ def run_config_command(prog: str, doc: str, config_help: str, override_example: 
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(dump_config(cfg))
+        print_to_pipe(dump_config(cfg))
         return 0
+    from icd_dist.train.console import StepFailedError
+
     try:
         # before anything starts (Ray included): VOC/ADE20K need ImageNet weights
         from icd_dist.models.pretrained import check_pretrained
 
         check_pretrained(cfg)
         result = action(cfg, args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, BadShardError, BadSampleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StepFailedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     print(json.dumps(result))
     return 0
+
+
+def print_to_pipe(text: str) -> None:
+    """Print `text` on stdout; a reader that stops early (`| head`) ends the output quietly
+    instead of with a BrokenPipeError traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that fails quietly too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

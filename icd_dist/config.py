@@ -57,6 +57,9 @@ class RunConfig:
     # A local folder or a URI pyarrow understands (s3://, gs://).
     storage_path: str = "runs"
     seed: int = 0
+    # Keep every finished step's epoch checkpoint (DeepSpeed/DDP engine state); by default
+    # it is deleted once the step is DONE: resuming needs only model.pt of finished steps.
+    keep_checkpoints: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,11 @@ class DataConfig:
     # Evaluation: resize the shorter side to eval_size, then centre crop eval_size.
     eval_size: int = 512
     loader_workers: int = 2
-    # fail = stop at the first bad sample; skip = skip it, count it, report the count.
+    # fail = stop at the first bad sample; skip = skip it, name it, count it.
     bad_samples: Literal["fail", "skip"] = "fail"
+    # Before Ray starts, the run's shards are checked against the manifest: sizes, and sha256
+    # unless false (very large data: sizes only).
+    verify: bool = True
     # ADE20K: ignore id 0 at evaluation (as MiB) instead of scoring it as background (PLOP,
     # RCIL); training labels keep it as background 0 either way (as MiB trains).
     ignore_background: bool = False

@@ -13,19 +13,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from icd_dist.config import ConfigError, load_config
 from icd_dist.css.remap import eval_lut
 from icd_dist.css.tasks import task_from_config
 from icd_dist.data.inspect import eval_selected_keys, manifest_spec
 from icd_dist.data.manifest import load_manifest
-from icd_dist.data.torch_pipeline import AugmentConfig, ShardDataset, make_loader
-from icd_dist.losses.methods import inference_state
-from icd_dist.models.deeplab import build_model
-from icd_dist.train.metrics import format_per_class_table, step_metrics
-from icd_dist.train.step_worker import DONE, evaluate
+from icd_dist.train.run_folder import DONE
 from icd_dist.train.storage import Storage
+
+# torch and the model are imported by evaluate_run only, so that --help answers at once.
 
 
 def last_complete_step(storage: Storage, num_steps: int) -> int:
@@ -36,10 +32,23 @@ def last_complete_step(storage: Storage, num_steps: int) -> int:
     raise FileNotFoundError(f"no complete step in {storage.uri()}")
 
 
+def complete_steps(storage: Storage, num_steps: int) -> list[int]:
+    """The steps with a DONE marker."""
+    return [t for t in range(num_steps) if storage.exists(f"step_{t}/{DONE}")]
+
+
 def evaluate_run(run: str, data: str, step: int | None = None, batch_size: int = 8,
                  workers: int = 0) -> dict:
     """Metrics of step `step` (default: the last complete one) of run folder/URI `run` on the
     shards in `data`."""
+    import torch
+
+    from icd_dist.data.torch_pipeline import AugmentConfig, ShardDataset, make_loader
+    from icd_dist.losses.methods import inference_state
+    from icd_dist.models.deeplab import build_model
+    from icd_dist.train.metrics import format_per_class_table, step_metrics
+    from icd_dist.train.step_worker import evaluate
+
     storage = Storage(run)
     if not storage.exists("config.yaml"):
         raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
@@ -53,8 +62,13 @@ def evaluate_run(run: str, data: str, step: int | None = None, batch_size: int =
     manifest = load_manifest(data)
     task = task_from_config(cfg, manifest_spec(manifest))
     step = last_complete_step(storage, task.num_steps) if step is None else step
+    if not 0 <= step < task.num_steps:
+        raise ValueError(f"step {step}: the run has steps 0-{task.num_steps - 1} "
+                         f"({task.name})")
     if not storage.exists(f"step_{step}/{DONE}"):
-        raise FileNotFoundError(f"step {step} of {run} is not complete")
+        done = complete_steps(storage, task.num_steps)
+        raise FileNotFoundError(f"step {step} of {run} is not complete (complete steps: "
+                                f"{', '.join(map(str, done)) or 'none'})")
     saved = storage.load_torch(f"step_{step}/model.pt")
     model = build_model(cfg.model, saved["classes_per_step"], load_pretrained=False)
     model.load_state_dict(inference_state(saved["state_dict"]))

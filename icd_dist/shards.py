@@ -18,14 +18,13 @@ import time
 
 from icd_dist.config import ConfigError
 from icd_dist.css.classes import DATASETS as CSS_DATASETS
-from icd_dist.css.classes import generic_spec
+from icd_dist.css.classes import format_class_ids, generic_spec
 from icd_dist.css.tasks import SETTINGS, get_task
 from icd_dist.data.inspect import inspect_shards, manifest_spec
 from icd_dist.data.manifest import load_manifest
 from icd_dist.data.readers import DATASETS, list_samples
 from icd_dist.data.shard_writer import BuildError, build_shards
 from icd_dist.data.synthetic import build_synthetic
-from icd_dist.data.verify import verify_shards
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -96,6 +95,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    # verify decodes with torch: imported here, so that --help and the other subcommands
+    # start without loading torch
+    from icd_dist.data.verify import verify_shards
+
     report = verify_shards(args.dir, decode=args.decode)
     for problem in report.problems:
         print(problem)
@@ -117,7 +120,10 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"{info['dataset']} {info['split']}: {info['num_samples']} samples in "
+    # the synthetic data's split is named after the dataset: say it once
+    name = info["dataset"] if info["split"] == info["dataset"] else \
+        f"{info['dataset']} {info['split']}"
+    print(f"{name}: {info['num_samples']} samples in "
           f"{info['num_shards']} shards ({info['bytes'] / 1e6:.1f} MB), "
           f"{info['rejected']} rejected at build")
     print("samples per class:")
@@ -126,8 +132,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if task is not None:
         print(f"task {task.name} ({task.setting}):")
         for step in info["task"]["steps"]:
-            print(f"  step {step['step']}: {step['num_images']:>6} images, classes "
-                  f"{step['classes'][0]}..{step['classes'][-1]}")
+            cls = step["classes"]
+            print(f"  step {step['step']}: {step['num_images']:>6} images, "
+                  f"class{'es' if len(cls) > 1 else ''} {format_class_ids(cls)}")
     return 0
 
 

@@ -7,6 +7,7 @@ In every dataset the CSS id 0 is background (the pixels of classes not learned y
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,3 +131,13 @@ def get_dataset(name: str) -> DatasetSpec:
         raise ConfigError(
             "data.dataset", f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}"
         ) from None
+
+
+def format_class_ids(ids: Iterable[int]) -> str:
+    """Class ids for a console line: [4] -> '4', [0, 1, 2, 3] -> '0..3', [1, 3, 7] -> '1,3,7'."""
+    ids = [int(i) for i in ids]
+    if len(ids) == 1:
+        return str(ids[0])
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return f"{ids[0]}..{ids[-1]}"
+    return ",".join(str(i) for i in ids)

@@ -14,14 +14,17 @@ dataset does not have are marked -1 and make `apply_lut` raise instead of passin
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
 from icd_dist.css.classes import IGNORE_INDEX
 from icd_dist.css.tasks import Task
+
+if TYPE_CHECKING:
+    import torch
 
 INVALID = -1
 UNSEEN = ("background", "ignore")  # eval_lut: what unseen classes become
@@ -69,7 +72,9 @@ def apply_lut(lut: np.ndarray, labels: np.ndarray | torch.Tensor,
 
     numpy in -> uint8 numpy out; torch in -> int64 tensor on the same device (what the
     losses take). Raises ValueError naming `source` if a label id is outside the dataset."""
-    if isinstance(labels, torch.Tensor):
+    if _is_tensor(labels):
+        import torch
+
         table = torch.as_tensor(lut, device=labels.device).long()
         if labels.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
             raise TypeError(f"{source}: labels must be an integer tensor, got {labels.dtype}")
@@ -90,3 +95,10 @@ def apply_lut(lut: np.ndarray, labels: np.ndarray | torch.Tensor,
         bad = sorted(int(v) for v in np.unique(arr[out == INVALID]))
         raise ValueError(f"{source}: label ids {bad} are not classes of this dataset")
     return out.astype(np.uint8)
+
+
+def _is_tensor(x) -> bool:
+    """Whether `x` is a torch tensor; torch is not imported for it (a process that has not
+    imported torch holds no tensor), so the protocol's modules load without torch."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)

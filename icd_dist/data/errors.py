@@ -20,3 +20,17 @@ class BadSampleError(ValueError):
 
     def __reduce__(self):
         return (type(self), (self.reason, self.key, self.shard))
+
+
+class BadShardError(ValueError):
+    """Shard files that do not match their manifest (missing, truncated or replaced, checksum
+    mismatch), found before anything reads them; the message is one line naming the folder,
+    each bad shard and why."""
+
+    def __init__(self, folder: str, problems: list[str]):
+        self.folder = str(folder)
+        self.problems = list(problems)
+        super().__init__(f"{self.folder}: {'; '.join(self.problems)}")
+
+    def __reduce__(self):
+        return (type(self), (self.folder, self.problems))

@@ -14,7 +14,6 @@ samples of each shard, so nothing is decoded or copied per task.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -139,12 +138,10 @@ def load_manifest(folder: str | Path) -> Manifest:
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """Hex sha256 of a file (local or in an object store), read in chunks."""
+    from icd_dist.data import shard_files
+
+    return shard_files.sha256(path, chunk)
 
 
 def dali_index_lines(samples: Sequence[SampleRecord]) -> str:

@@ -7,6 +7,7 @@ come from the usual environment (AWS_*, GOOGLE_*), as for run storage.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -44,6 +45,32 @@ def read_bytes(location: str | Path) -> bytes:
     fs, path = _filesystem(str(location))
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+def size(location: str | Path) -> int | None:
+    """The size in bytes of a file, locally or in an object store; None if it is missing."""
+    if not is_remote(location):
+        path = Path(location)
+        return path.stat().st_size if path.is_file() else None
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(str(location))
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def sha256(location: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, locally or in an object store, read in chunks."""
+    h = hashlib.sha256()
+    if is_remote(location):
+        fs, path = _filesystem(str(location))
+        stream = fs.open_input_stream(path)
+    else:
+        stream = open(location, "rb")  # noqa: SIM115 - closed by the with below
+    with stream as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 class ShardFile:

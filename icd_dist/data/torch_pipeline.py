@@ -37,9 +37,19 @@ class AugmentConfig:
     crop_mode: str = "inside"  # "inside" (MiB/PLOP's RandomResizedCrop) or "padded"
 
 
+@dataclass(frozen=True)
+class SkippedSample:
+    """A bad sample left out (data.bad_samples=skip): where it is and what is wrong."""
+
+    shard: str
+    key: str
+    reason: str
+
+
 class ShardDataset(Dataset):
     """The selected samples of a shard folder; items are (image uint8 (3, h, w), label int64
-    (h, w)) with `lut` applied, or None for a bad sample when bad_samples == "skip"."""
+    (h, w)) with `lut` applied, or a SkippedSample for a bad sample when bad_samples ==
+    "skip"."""
 
     def __init__(self, shard_dir: str | Path, keys: Sequence[str] | None, lut: np.ndarray | None,
                  augment: AugmentConfig, seed: int = 0, bad_samples: str = "fail"):
@@ -102,10 +112,11 @@ class ShardDataset(Dataset):
     def __getitem__(self, index: int):
         try:
             image, label = self.load(index)
-        except BadSampleError:
+        except BadSampleError as exc:
             if self.bad_samples == "fail":
                 raise
-            return None
+            rec = self.records[index]
+            return SkippedSample(exc.shard or rec.shard, exc.key or rec.key, exc.reason)
         a = self.augment
         if a.train:
             g = torch.Generator().manual_seed(
@@ -123,21 +134,25 @@ class ShardDataset(Dataset):
 
 @dataclass
 class Batch:
-    """A batch: images (N, 3, h, w) float32, labels (N, h, w) int64, bad samples skipped."""
+    """A batch: images (N, 3, h, w) float32, labels (N, h, w) int64, the number of bad
+    samples skipped and which they were."""
 
     images: torch.Tensor
     labels: torch.Tensor
     skipped: int
+    bad_samples: tuple[SkippedSample, ...] = ()
 
 
 def collate_skipping_bad(items: list) -> Batch:
-    """Stack the good items of a batch (images stay uint8) and count the bad ones (None)."""
-    good = [it for it in items if it is not None]
-    skipped = len(items) - len(good)
+    """Stack the good items of a batch (images stay uint8) and list the bad ones
+    (SkippedSample)."""
+    bad = tuple(it for it in items if isinstance(it, SkippedSample))
+    good = [it for it in items if not isinstance(it, SkippedSample)]
     if not good:
         return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8),
-                     torch.empty(0, 0, 0, dtype=torch.long), skipped)
-    return Batch(torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), skipped)
+                     torch.empty(0, 0, 0, dtype=torch.long), len(bad), bad)
+    return Batch(torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]),
+                 len(bad), bad)
 
 
 class NormalizingLoader:
@@ -153,7 +168,8 @@ class NormalizingLoader:
 
     def __iter__(self):
         for batch in self.loader:
-            yield Batch(normalize(batch.images), batch.labels, batch.skipped)
+            yield Batch(normalize(batch.images), batch.labels, batch.skipped,
+                        batch.bad_samples)
 
 
 class ContiguousShardSampler(Sampler[int]):

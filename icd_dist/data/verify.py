@@ -1,17 +1,22 @@
-"""`verify`: check every shard's checksum and size against the manifest, and with `decode`
-every sample (image and label decode, sizes equal, ids in range, classes as recorded)."""
+"""`verify`: check every shard's size and checksum against the manifest, and with `decode`
+every sample (image and label decode, sizes equal, ids in range, classes as recorded).
+
+The same check, limited to the shards a run reads and optionally to their sizes, is the
+driver's pre-flight before Ray starts (`check_run_shards`)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from icd_dist.data.errors import BadSampleError
-from icd_dist.data.manifest import load_manifest, sha256_of
+from icd_dist.data import shard_files
+from icd_dist.data.errors import BadSampleError, BadShardError
+from icd_dist.data.manifest import Manifest, load_manifest
 from icd_dist.data.sample_io import decode_sample, read_member
 from icd_dist.data.shard_files import ShardFile
 
@@ -30,29 +35,34 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_shards(folder: str | Path, decode: bool = False, progress: bool = True) -> VerifyReport:
-    """Check the shards of `folder` against its manifest (see the module docstring)."""
-    folder = Path(folder)
-    manifest = load_manifest(folder)
-    report = VerifyReport(len(manifest.shards), len(manifest.samples))
+def verify_shards(folder: str | Path, decode: bool = False, progress: bool = True,
+                  shards: Collection[str] | None = None, checksums: bool = True,
+                  manifest: Manifest | None = None) -> VerifyReport:
+    """Check the shards of `folder` (a local path or a URI) against its manifest (see the
+    module docstring): only those named in `shards` if given; sizes without sha256 when not
+    `checksums`; `manifest` if already loaded."""
+    manifest = manifest or load_manifest(folder)
+    chosen = [s for s in manifest.shards if shards is None or s.name in shards]
+    names = {s.name for s in chosen}
     by_shard: dict[str, list] = {}
     for s in manifest.samples:
-        by_shard.setdefault(s.shard, []).append(s)
-    bar = tqdm(total=len(manifest.samples) if decode else len(manifest.shards),
-               desc="verifying", unit="img" if decode else "shard", file=sys.stderr,
-               disable=not progress)
-    for shard in manifest.shards:
-        path = folder / shard.name
+        if s.shard in names:
+            by_shard.setdefault(s.shard, []).append(s)
+    report = VerifyReport(len(chosen), sum(len(v) for v in by_shard.values()))
+    bar = tqdm(total=report.num_samples if decode else len(chosen), desc="verifying",
+               unit="img" if decode else "shard", file=sys.stderr, disable=not progress)
+    for shard in chosen:
+        path = shard_files.join(folder, shard.name)
         records = by_shard.get(shard.name, [])
-        if not path.is_file():
+        size = shard_files.size(path)
+        if size is None:
             report.problems.append(f"shard {shard.name}: missing file")
             bar.update(len(records) if decode else 1)
             continue
-        size = path.stat().st_size
         if size != shard.bytes:
             report.problems.append(f"shard {shard.name}: {size} bytes, manifest says "
                                    f"{shard.bytes} (truncated or replaced)")
-        elif sha256_of(path) != shard.sha256:
+        elif checksums and shard_files.sha256(path) != shard.sha256:
             report.problems.append(f"shard {shard.name}: sha256 mismatch")
         if len(records) != shard.num_samples:
             report.problems.append(f"shard {shard.name}: manifest lists {len(records)} samples,"
@@ -79,4 +89,22 @@ def verify_shards(folder: str | Path, decode: bool = False, progress: bool = Tru
                     report.problems.append(str(exc))
                 bar.update(1)
     bar.close()
+    return report
+
+
+def shards_of(manifest: Manifest, keys: Iterable[str]) -> set[str]:
+    """The names of the shards that hold these samples."""
+    wanted = set(keys)
+    return {s.shard for s in manifest.samples if s.key in wanted}
+
+
+def check_run_shards(folder: str, manifest: Manifest, keys: Iterable[str],
+                     checksums: bool = True) -> VerifyReport:
+    """The pre-flight of a run: the shards of `folder` that hold `keys` (the samples the steps
+    to run read), by size and (with `checksums`) sha256. BadShardError, one line naming the
+    folder, each bad shard and why, if any is wrong."""
+    report = verify_shards(folder, progress=False, shards=shards_of(manifest, keys),
+                           checksums=checksums, manifest=manifest)
+    if not report.ok:
+        raise BadShardError(folder, report.problems)
     return report

@@ -1,32 +1,49 @@
 """The schedule driver: one Ray Train TorchTrainer per incremental step.
 
+    before Ray starts: the steps' selections, and their shards checked against the manifests
+    (sizes and sha256; data.verify=false: sizes only);
     for step t: skip it if its DONE marker exists; put the teacher (model of t-1) in the
-    object store once; fit a TorchTrainer whose workers run step_worker.train_step_worker;
-    read the step's metrics.json; print its table.
-    then: summary.json, plots, the resolved config beside them.
+    object store once; fit a TorchTrainer whose workers run step_worker.train_step_worker,
+    printing rank 0's progress lines as they come; read the step's metrics.json; print its
+    tables; delete its epoch checkpoints (unless run.keep_checkpoints=true).
+    then: summary.json, plots, the resolved config beside them, the run folder's size.
 
-`ray.init()` attaches to the cluster in RAY_ADDRESS (as under `ray job submit`) and starts a
-local one otherwise: the embedded default.
+Everything printed also goes to the run folder's run.log (console.RunLog), with the traceback
+of a failed step, which the console shows as one line. `ray.init()` attaches to the cluster
+in RAY_ADDRESS (as under `ray job submit`) and starts a local one otherwise (ray_session).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from icd_dist.config import Config, ConfigError, config_to_dict, dump_config
+from icd_dist.css.classes import format_class_ids
 from icd_dist.css.tasks import Task, task_from_config
 from icd_dist.data import shard_files
+from icd_dist.data.errors import BadShardError
 from icd_dist.data.inspect import eval_selected_keys, manifest_spec, selected_keys
-from icd_dist.data.manifest import MANIFEST_NAME, load_manifest
+from icd_dist.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from icd_dist.data.synthetic import build_synthetic
+from icd_dist.data.verify import check_run_shards
 from icd_dist.losses.methods import build_method
 from icd_dist.models.pretrained import check_pretrained
+from icd_dist.train.console import RunLog, step_failure
+from icd_dist.train.progress import ProgressFollower, progress_path
+from icd_dist.train.ray_session import describe_ray, init_ray
+from icd_dist.train.report import (
+    format_bad_samples,
+    format_class_table,
+    format_step_result,
+    format_summary_table,
+    write_plots,
+)
+from icd_dist.train.run_folder import folder_bytes, format_bytes, prune_checkpoints
 from icd_dist.train.step_worker import DONE, StepJob, train_step_worker
 from icd_dist.train.storage import Storage
 from icd_dist.train.teacher_share import put_teacher
@@ -64,22 +81,6 @@ def prepare_shards(cfg: Config, log: Log) -> tuple[str, str]:
                  for f in (train, evals))
 
 
-def init_ray(cfg: Config) -> bool:
-    """Attach to RAY_ADDRESS's cluster or start a local one; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")} \
-        if cfg.engine.device != "cuda" else {}
-    for key in ("WANDB_MODE", "WANDB_API_KEY", "ICD_DIST_INJECT_FAILURE"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True,
-             include_dashboard=False)
-    return True
-
-
 def use_gpu(cfg: Config) -> bool:
     """Whether the step workers get GPUs: engine.device, or auto = the cluster has some."""
     import ray
@@ -110,57 +111,6 @@ def fit_step(job: StepJob, storage: Storage, gpu: bool) -> None:
     trainer.fit()
 
 
-def format_summary_table(steps: list[dict]) -> str:
-    """A console table of old/new/all mIoU and hIoU per step."""
-    def pct(v):
-        return "   -  " if v is None else f"{100 * v:6.2f}"
-    lines = [f"{'step':>4} {'classes':>9} {'images':>7} {'old':>6} {'new':>6} {'all':>6} "
-             f"{'hIoU':>6} {'time s':>7}"]
-    for s in steps:
-        cls = s["classes"]
-        span = f"{cls[0]}..{cls[-1]}" if len(cls) > 1 else str(cls[0])
-        lines.append(f"{s['step']:>4} {span:>9} {s['train_images']:>7} {pct(s['miou_old'])} "
-                     f"{pct(s['miou_new'])} {pct(s['miou_all'])} {pct(s['hiou'])} "
-                     f"{s['seconds']:>7.1f}")
-    return "\n".join(lines)
-
-
-def write_plots(steps: list[dict], folder: Path) -> list[Path]:
-    """mIoU per step and the last step's per-class IoU, as PNGs in `folder`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    xs = [s["step"] for s in steps]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("miou_old", "old"), ("miou_new", "new"), ("miou_all", "all")):
-        ys = [100 * s[key] if s[key] is not None else float("nan") for s in steps]
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mIoU (%)")
-    ax.set_xticks(xs)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    miou = folder / "miou_per_step.png"
-    fig.tight_layout()
-    fig.savefig(miou, dpi=100)
-    plt.close(fig)
-    per_class = steps[-1]["per_class_iou"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(per_class)), 4))
-    names = list(per_class)
-    ax.bar(range(len(names)), [100 * (per_class[n] or 0.0) for n in names])
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=7)
-    ax.set_ylabel(f"IoU (%) after step {steps[-1]['step']}")
-    fig.tight_layout()
-    bars = folder / "per_class_iou.png"
-    fig.savefig(bars, dpi=100)
-    plt.close(fig)
-    return [miou, bars]
-
-
 StepCallback = Callable[[int, dict], None]
 
 
@@ -169,35 +119,87 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
     """Train every step of the configured task (skipping finished ones); returns the summary
     (also written as summary.json in the run folder).
 
-    on_step(step, metrics) is called after every step, finished or skipped, the last one
-    after summary.json is written. step0_from is a run folder (path or URI) whose finished
-    step 0 this run takes instead of training its own (a sweep's shared step 0). last_step
-    stops the schedule after that step."""
+    log(message) receives every console line (default: printed on stderr); run.log in the
+    run folder records them too. on_step(step, metrics) is called after every step, finished
+    or skipped, the last one after summary.json is written. step0_from is a run folder (path
+    or URI) whose finished step 0 this run takes instead of training its own (a sweep's
+    shared step 0). last_step stops the schedule after that step. Bad shards (BadShardError)
+    stop it before Ray starts; a failed step raises console.StepFailedError (one line)."""
     import ray
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    run_log = RunLog(log)
     check_pretrained(cfg)  # VOC/ADE20K without ImageNet weights stop before anything starts
-    train_dir, eval_dir = prepare_shards(cfg, log)
+    train_dir, eval_dir = prepare_shards(cfg, run_log)
     train_manifest, eval_manifest = load_manifest(train_dir), load_manifest(eval_dir)
     task: Task = task_from_config(cfg, manifest_spec(train_manifest))
     for step in range(task.num_steps):  # method/loss/task mismatches fail here, not in workers
         build_method(cfg, task, step)
     name = run_name(cfg, task.name)
     storage = Storage(cfg.run.storage_path).child(name)
+    final = task.num_steps - 1 if last_step is None else min(last_step, task.num_steps - 1)
+    to_train = [t for t in range(final + 1) if not storage.exists(f"step_{t}/{DONE}")
+                and not (t == 0 and step0_from)]
+    selections = {t: step_selection(cfg, task, t, train_manifest, eval_manifest, train_dir,
+                                    eval_dir) for t in to_train}
+    train_keys = [k for keys, _ in selections.values() for k in keys]
+    eval_keys = [k for _, keys in selections.values() for k in keys]
+    check_shards(cfg, [(train_dir, train_manifest, train_keys),
+                       (eval_dir, eval_manifest, eval_keys)], run_log)
     storage.makedirs()
+    run_log.attach(storage)
     storage.write_bytes("config.yaml", dump_config(cfg).encode())
     started = init_ray(cfg)
+    if started:
+        run_log(describe_ray())
     try:
         if step0_from and not storage.exists(f"step_0/{DONE}"):
             source = Storage(step0_from)
             check_step0_source(cfg, task, source)
             copy_finished_step(source, storage, 0)
-            log(f"step 0: taken from {step0_from}")
-        return _run_steps(cfg, task, name, storage, train_dir, eval_dir, train_manifest,
-                          eval_manifest, log, on_step, last_step)
+            run_log(f"step 0: taken from {step0_from}")
+        return _run_steps(cfg, task, name, storage, (train_dir, eval_dir), selections, run_log,
+                          on_step, final)
     finally:
         if started:
             ray.shutdown()
+
+
+def step_selection(cfg: Config, task: Task, step: int, train_manifest: Manifest,
+                   eval_manifest: Manifest, train_dir: str,
+                   eval_dir: str) -> tuple[list[str], list[str]]:
+    """(training keys, evaluation keys) of `step`; ValueError if either is empty."""
+    keys = selected_keys(train_manifest, task, step)
+    if not keys:
+        raise ValueError(f"step {step} of {task.name} ({task.setting}) selects no training "
+                         f"image from {train_dir}")
+    # MiB/PLOP's test set of step t: the eval images with a class seen so far (other than
+    # background), unless data.eval_filter=false
+    eval_keys = eval_selected_keys(eval_manifest, task, step, cfg.data.eval_filter)
+    if not eval_keys:
+        raise ValueError(f"step {step} of {task.name} selects no evaluation image from "
+                         f"{eval_dir} (no image has a class seen so far)")
+    return keys, eval_keys
+
+
+def check_shards(cfg: Config, folders: list[tuple[str, Manifest, list[str]]], log: Log) -> None:
+    """The pre-flight: the shards holding the samples of the steps to train, against their
+    manifests, before the run folder or Ray exist. A bad shard raises BadShardError (one
+    line), or with data.bad_samples=skip is reported and its unreadable samples skipped."""
+    started, checked = time.perf_counter(), 0
+    for folder, manifest, keys in folders:
+        if not keys:
+            continue
+        try:
+            checked += check_run_shards(folder, manifest, keys, cfg.data.verify).num_shards
+        except BadShardError as exc:
+            if cfg.data.bad_samples != "skip":
+                raise
+            log(f"warning: bad shards in {exc}; data.bad_samples=skip: the samples that cannot "
+                "be read will be skipped and named")
+    if checked:
+        what = "sizes and sha256" if cfg.data.verify else "sizes (data.verify=false)"
+        log(f"checked {checked} shards against their manifests ({what}) in "
+            f"{time.perf_counter() - started:.1f} s")
 
 
 # Model keys that do not change the step-0 model: the classifier init of later steps and
@@ -237,48 +239,52 @@ def copy_finished_step(source: Storage, dest: Storage, step: int) -> None:
         dest.write_bytes(f"{folder}/{rel}", source.read_bytes(f"{folder}/{rel}"))
 
 
-def _run_steps(cfg: Config, task: Task, name: str, storage: Storage, train_dir: str,
-               eval_dir: str, train_manifest, eval_manifest, log: Log,
-               on_step: StepCallback | None, last_step: int | None) -> dict:
+def _prune(cfg: Config, storage: Storage, step: int) -> None:
+    if not cfg.run.keep_checkpoints:
+        prune_checkpoints(storage, step)
+
+
+def _run_steps(cfg: Config, task: Task, name: str, storage: Storage, dirs: tuple[str, str],
+               selections: dict[int, tuple[list[str], list[str]]], log: RunLog,
+               on_step: StepCallback | None, final: int) -> dict:
     gpu = use_gpu(cfg)
     log(f"run {name}: {task.dataset} {task.name} ({task.setting}), method {cfg.method.name}, "
         f"{task.num_steps} steps, {cfg.engine.num_workers} workers "
         f"({'GPU' if gpu else 'CPU'}, {cfg.engine.engine}); results in {storage.uri()}")
     results = []
-    final = task.num_steps - 1 if last_step is None else min(last_step, task.num_steps - 1)
+    num_old = len(task.steps[0])
     for step in range(final + 1):
         folder = f"step_{step}"
         if storage.exists(f"{folder}/{DONE}"):
             log(f"step {step}: already complete, skipped")
             results.append(storage.read_json(f"{folder}/metrics.json"))
+            _prune(cfg, storage, step)
             if on_step and step < final:
                 on_step(step, results[-1])
             continue
-        keys = selected_keys(train_manifest, task, step)
-        if not keys:
-            raise ValueError(f"step {step} of {task.name} ({task.setting}) selects no training "
-                             f"image from {train_dir}")
-        # MiB/PLOP's test set of step t: the eval images with a class seen so far (other
-        # than background), unless data.eval_filter=false
-        eval_keys = eval_selected_keys(eval_manifest, task, step, cfg.data.eval_filter)
-        if not eval_keys:
-            raise ValueError(f"step {step} of {task.name} selects no evaluation image from "
-                             f"{eval_dir} (no image has a class seen so far)")
+        keys, eval_keys = selections[step]
         teacher = None
         if step > 0:
             previous = storage.load_torch(f"step_{step - 1}/model.pt")
             teacher = put_teacher(previous["state_dict"])
-        log(f"step {step}: classes {list(task.classes_at(step))}, {len(keys)} training images, "
-            f"{len(eval_keys)} evaluation images")
-        job = StepJob(cfg, task, step, name, storage.uri(), train_dir, eval_dir, keys,
-                      eval_keys, teacher=teacher,
+        log(f"step {step}: classes {format_class_ids(task.classes_at(step))}, {len(keys)} "
+            f"training images, {len(eval_keys)} evaluation images")
+        job = StepJob(cfg, task, step, name, storage.uri(), *dirs, keys, eval_keys, teacher=teacher,
                       failure_marker_dir=str(Path(storage.uri("failures")))
                       if storage.local else "")
-        fit_step(job, storage, gpu)
+        try:
+            with ProgressFollower(storage, progress_path(step), log):
+                fit_step(job, storage, gpu)
+        except Exception as exc:  # a worker's or Ray's error: one line, the rest in run.log
+            raise step_failure(step, exc, log) from exc
         if not storage.exists(f"{folder}/{DONE}"):
             raise RuntimeError(f"step {step} ended without writing its results")
         results.append(storage.read_json(f"{folder}/metrics.json"))
-        log(f"after step {step}:\n{format_summary_table(results)}")
+        log(format_step_result(results[-1]))
+        for line in format_bad_samples(results[-1]):
+            log(line)
+        log(format_class_table(results, num_old))
+        _prune(cfg, storage, step)
         del teacher
         if on_step and step < final:
             on_step(step, results[-1])
@@ -288,9 +294,10 @@ def _run_steps(cfg: Config, task: Task, name: str, storage: Storage, train_dir: 
                "steps": results}
     storage.write_json("summary.json", summary)
     if storage.local:
-        write_plots(results, Path(storage.path("")))
-    log(f"run {name} complete:\n{format_summary_table(results)}\nsummary: "
-        f"{storage.uri('summary.json')}")
+        write_plots(results, Path(storage.path("")), name)
+    log(f"run {name} complete:\n{format_summary_table(results)}")
+    log(f"summary: {storage.uri('summary.json')}")
+    log(f"run folder: {storage.uri()} ({format_bytes(folder_bytes(storage))})")
     if on_step:
         on_step(final, results[-1])
     return summary

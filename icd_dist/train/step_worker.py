@@ -3,9 +3,10 @@
 Each worker: builds the student (from the shared teacher's weights plus the new classifier
 head, or from scratch at step 0) inside the engine, the frozen teacher from the object
 store, and its part of the step's data; resumes from the latest epoch checkpoint if there
-is one; trains epoch by epoch (a checkpoint per epoch); evaluates with the confusion matrix
-all-reduced; and rank 0 writes the consolidated fp32 model.pt, metrics.json and, last, the
-DONE marker of the step.
+is one; trains epoch by epoch (a checkpoint per epoch; rank 0 appends a line per epoch to the
+step's progress file, which the driver prints); evaluates with the confusion matrix
+all-reduced; and rank 0 writes the consolidated fp32 model.pt, metrics.json (with the distinct
+bad samples every rank skipped, data.bad_samples=skip) and, last, the DONE marker of the step.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from icd_dist.data.pipeline import StepLoader
 from icd_dist.losses.methods import Method, build_method, inference_state
 from icd_dist.models.deeplab import DeepLabV3, build_model, to_sync_batchnorm
 from icd_dist.train.engine import PRECISION_DTYPES, build_engine
-from icd_dist.train.metrics import ConfusionMatrix, format_per_class_table, step_metrics
+from icd_dist.train.metrics import ConfusionMatrix, step_metrics
+from icd_dist.train.progress import ProgressWriter, progress_path
+from icd_dist.train.run_folder import DONE
 from icd_dist.train.storage import Storage
 from icd_dist.train.teacher_share import build_teacher, fetch_teacher_arrays
 from icd_dist.train.tracking import Tracker, overlay_image, wandb_mode
 
-DONE = "DONE"
 # Test hook: "STEP:EPOCH:RANK" makes that worker exit abruptly once, to test recovery.
 FAILURE_ENV = "ICD_DIST_INJECT_FAILURE"
 
@@ -151,14 +153,17 @@ def _data_pass(loader, device: torch.device, micro_batches: int):
 
 
 def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
-             overlays: int = 0) -> tuple[ConfusionMatrix, list]:
+             overlays: int = 0, bad: dict | None = None) -> tuple[ConfusionMatrix, list]:
     """Confusion matrix (all-reduced over the workers) of `model` on `loader`, and up to
-    `overlays` (image, prediction, ground truth) triples from this rank."""
+    `overlays` (image, prediction, ground truth) triples from this rank; the bad samples the
+    loader skipped are added to `bad` if given (see note_bad_samples)."""
     cm = ConfusionMatrix(num_classes, device=device)
     kept: list = []
     model.eval()
     with torch.no_grad():
         for batch in loader:
+            if bad is not None:
+                note_bad_samples(bad, batch)
             if batch.images.numel() == 0:
                 continue
             dtype = next(model.parameters()).dtype
@@ -229,7 +234,12 @@ def train_step_worker(config: dict) -> None:
                       f"{job.run_name}-step{step}",
                       {**config_to_dict(cfg), "step": step})
     global_step = start_epoch * per_epoch // accumulation
-    skipped = 0
+    bad: dict[tuple[str, str], str] = {}  # distinct skipped samples: (shard, key) -> reason
+    bad_reads = 0  # how often training met one (every epoch meets it again)
+    progress = ProgressWriter(storage, progress_path(step)) if is_chief else None
+    if progress is not None and start_epoch:
+        progress.write(f"step {step}: resuming after epoch {start_epoch}/{epochs} (its "
+                       "checkpoint)")
     loss_curve: list[float] = []  # rank 0's loss at every optimiser step (this attempt)
     started = time.perf_counter()
     for epoch in range(start_epoch, epochs):
@@ -240,7 +250,8 @@ def train_step_worker(config: dict) -> None:
         for i, batch in enumerate(train_loader):
             if i >= per_epoch or global_step >= iterations:
                 break
-            skipped += batch.skipped
+            note_bad_samples(bad, batch)
+            bad_reads += batch.skipped
             images = batch.images.to(device, non_blocking=True)
             labels = batch.labels.to(device, non_blocking=True)
             teacher_out = None
@@ -261,38 +272,38 @@ def train_step_worker(config: dict) -> None:
                 tracker.log({**{f"loss/{k}": float(v) for k, v in parts.items()},
                              "lr": engine.lr(), "images_per_s": rate, "epoch": epoch},
                             step=global_step)
-        if is_chief:
-            loss_text = ", ".join(f"{k} {float(v):.4f}" for k, v in last.items())
-            print(f"[{job.run_name}] step {step} epoch {epoch + 1}/{epochs}: {loss_text} "
-                  f"({seen * world / max(1e-9, time.perf_counter() - t0):.1f} img/s)",
-                  flush=True)
+        if progress is not None:
+            # .4g: small terms (e.g. the external ICD loss) do not print as 0.0000
+            loss_text = ", ".join(f"{k} {float(v):.4g}" for k, v in last.items())
+            progress.write(f"step {step} epoch {epoch + 1}/{epochs}: {loss_text} "
+                           f"({seen * world / max(1e-9, time.perf_counter() - t0):.1f} img/s)")
         _save_epoch(engine, storage, job, epoch)
         ray.train.report({"epoch": epoch, "loss": float(last.get("total", 0.0))})
         if cfg.eval.every_n_epochs and (epoch + 1) % cfg.eval.every_n_epochs == 0 \
                 and epoch + 1 < epochs:
-            cm, _ = evaluate(engine.module, eval_loader, task.num_seen(step), device)
+            cm, _ = evaluate(engine.module, eval_loader, task.num_seen(step), device, bad=bad)
             m = step_metrics(cm, _class_names(task, step), len(task.steps[0]))
             tracker.log({f"eval/{k}": v for k, v in m.scalars().items()}, step=global_step)
     seconds = time.perf_counter() - started
 
     cm, overlays = evaluate(engine.module, eval_loader, task.num_seen(step), device,
-                            cfg.logging.num_overlays if is_chief else 0)
+                            cfg.logging.num_overlays if is_chief else 0, bad=bad)
     # Checks written into the results: every rank ends with the same weights, and the
     # teacher is the previous step's model, untouched.
     student_digests = _gather_digests(engine.module, world)
     teacher_digest = weights_digest(teacher) if teacher is not None else None
-    skipped_t = torch.tensor([skipped], dtype=torch.int64, device=device)
+    bad_samples = _gather_bad_samples(bad, world)
+    bad_reads_t = torch.tensor([bad_reads], dtype=torch.int64, device=device)
     if world > 1:
-        dist.all_reduce(skipped_t)
+        dist.all_reduce(bad_reads_t)
     if is_chief:
         names = _class_names(task, step)
         metrics = step_metrics(cm, names, len(task.steps[0]))
-        print(f"[{job.run_name}] step {step} evaluation:\n"
-              f"{format_per_class_table(metrics, len(task.steps[0]))}", flush=True)
         result = {"step": step, "classes": list(task.classes_at(step)), **metrics.to_dict(),
                   "train_images": len(job.train_keys), "eval_images": len(job.eval_keys),
                   "seconds": seconds, "iterations": global_step,
-                  "skipped_bad_samples": int(skipped_t.item()),
+                  "skipped_bad_samples": len(bad_samples), "bad_samples": bad_samples,
+                  "bad_sample_reads": int(bad_reads_t.item()),
                   "engine": cfg.engine.engine, "workers": world,
                   "student_digests": student_digests, "teacher_digest": teacher_digest,
                   "loss_curve": loss_curve, "resumed_from_epoch": start_epoch}
@@ -326,6 +337,26 @@ def _gather_digests(module: torch.nn.Module, world: int) -> list[str]:
     out: list = [None] * world
     dist.all_gather_object(out, digest)
     return out
+
+
+def note_bad_samples(bad: dict[tuple[str, str], str], batch) -> None:
+    """Add the samples a batch skipped to `bad` ((shard, key) -> reason): each sample once,
+    however often it is met."""
+    for b in batch.bad_samples:
+        bad.setdefault((b.shard, b.key), b.reason)
+
+
+def _gather_bad_samples(bad: dict[tuple[str, str], str], world: int) -> list[dict]:
+    """The distinct bad samples of every rank, sorted ({"shard", "key", "reason"})."""
+    merged = dict(bad)
+    if world > 1:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, bad)
+        for part in parts:
+            for where, reason in part.items():
+                merged.setdefault(where, reason)
+    return [{"shard": shard, "key": key, "reason": merged[(shard, key)]}
+            for shard, key in sorted(merged)]
 
 
 def _class_names(task: Task, step: int) -> list[str]:

@@ -307,7 +307,7 @@ def run_sweep(cfg: Config, log: Log | None = None,
         last_steps[schedule] = task.num_steps - 1
     space = search_space(cfg)
     cache = Step0Cache(cfg.run.storage_path)
-    started = init_ray(cfg)
+    started = init_ray(cfg, forward_worker_output=True)  # the trials' output, as before
     try:
         # A Ray this call started is this machine alone: it cannot grow to fit a trial.
         concurrency = trial_concurrency(cfg, use_gpu(cfg), ray.cluster_resources(),

@@ -125,7 +125,10 @@ def test_demo_on_s3_killed_between_steps_resumes_and_evaluates(tmp_path, s3_env)
     assert [s["step"] for s in summary["steps"]] == [0, 1]
     assert summary["steps"][0] == step0  # taken from S3, not trained again
     assert exists(client, "runs/demo/step_1/model.pt")
-    assert exists(client, "runs/demo/step_1/checkpoints/latest.json")
+    # a finished step keeps no epoch checkpoint; the console and the epoch lines are kept
+    assert not exists(client, "runs/demo/step_0/checkpoints/")
+    assert not exists(client, "runs/demo/step_1/checkpoints/")
+    assert exists(client, "runs/demo/run.log") and exists(client, "runs/demo/step_1/progress.log")
 
     evaluated = subprocess.run(
         [sys.executable, "-m", "icd_dist.evaluate", "--run", f"s3://{BUCKET}/runs/demo",
