@@ -92,3 +92,19 @@ def ade_root(tmp_path) -> Path:
         write_jpeg(root / "images" / "training" / f"{key}.jpg", image_for(lab, i))
         write_label(root / "annotations" / "training" / f"{key}.png", lab)
     return root
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Any attempt to start or attach to Ray (directly, by the schedule or by the sweep)
+    fails the test: for checks that must stop a run before Ray starts."""
+    import ray
+
+    from icd_dist.train import schedule, sweep
+
+    def fail(*args, **kwargs):
+        pytest.fail("Ray was started before the run's pre-start checks stopped it")
+
+    monkeypatch.setattr(ray, "init", fail)
+    monkeypatch.setattr(schedule, "init_ray", fail)
+    monkeypatch.setattr(sweep, "init_ray", fail)

@@ -18,18 +18,6 @@ TINY = ["data.dataset=synthetic", "data.synthetic.classes=4", "task.name=2-1",
         "model.norm=groupnorm", "engine.num_workers=1", "optim.batch_size=4"]
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Any attempt to start or attach to Ray fails the test."""
-    import ray
-
-    from icd_dist.train import schedule
-
-    def fail(*args, **kwargs):
-        pytest.fail("Ray was started before the shards were checked")
-
-    monkeypatch.setattr(ray, "init", fail)
-    monkeypatch.setattr(schedule, "init_ray", fail)
 
 
 @pytest.fixture

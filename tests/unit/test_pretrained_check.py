@@ -35,19 +35,6 @@ def test_voc_and_ade_without_pretrained_raise(path):
     assert cfg.data.dataset in str(exc.value)
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Any attempt to start or attach to Ray fails the test."""
-    import ray
-
-    from icd_dist.train import schedule, sweep
-
-    def fail(*args, **kwargs):
-        pytest.fail("Ray was started before the model.pretrained check")
-
-    monkeypatch.setattr(ray, "init", fail)
-    monkeypatch.setattr(schedule, "init_ray", fail)
-    monkeypatch.setattr(sweep, "init_ray", fail)
 
 
 def test_run_entry_stops_before_ray(no_ray, capsys, tmp_path):
