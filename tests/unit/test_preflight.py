@@ -18,8 +18,6 @@ TINY = ["data.dataset=synthetic", "data.synthetic.classes=4", "task.name=2-1",
         "model.norm=groupnorm", "engine.num_workers=1", "optim.batch_size=4"]
 
 
-
-
 @pytest.fixture
 def shards(tmp_path):
     """Synthetic train and val shard folders (one shard each)."""

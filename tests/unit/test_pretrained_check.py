@@ -35,8 +35,6 @@ def test_voc_and_ade_without_pretrained_raise(path):
     assert cfg.data.dataset in str(exc.value)
 
 
-
-
 def test_run_entry_stops_before_ray(no_ray, capsys, tmp_path):
     from icd_dist import run
 
