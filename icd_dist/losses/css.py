@@ -288,9 +288,9 @@ class EntropyHistogram:
         value = pseudo_entropy(probs, self.num_seen_classes, self.mode)
         background = labels == 0
         cls = pred[background]
-        bin_idx = (value[background] * self.bins).long().clamp(max=self.bins - 1)
-        if self.mode == "median":
-            bin_idx = bin_idx.clamp(min=0)
+        # PLOP clamps only the top; its entropy's 1e-8 can make a value a hair below 0,
+        # which truncates to bin 0 all the same.
+        bin_idx = (value[background] * self.bins).long().clamp(0, self.bins - 1)
         flat = cls * self.bins + bin_idx
         self.counts += torch.bincount(flat, minlength=self.counts.numel()).view_as(
             self.counts).to(self.counts.device)

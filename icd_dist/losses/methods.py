@@ -154,18 +154,11 @@ class Method(nn.Module):
     @torch.no_grad()
     def _set_thresholds(self, teacher: nn.Module, data_pass: DataPass) -> None:
         pod = self.cfg.loss.pod
-        dtype = next(teacher.parameters()).dtype
-        hist = None
+        weight = next(teacher.parameters())
+        hist = css.EntropyHistogram(self.num_seen, pod.bins, pod.thresholds, device=weight.device)
         for images, labels in data_pass():
-            out = teacher(images.to(dtype))
-            if hist is None:
-                hist = css.EntropyHistogram(self.num_seen, pod.bins, pod.thresholds,
-                                            device=out.logits.device)
-            hist.update(out.logits, labels)
-        if hist is None:
-            hist = css.EntropyHistogram(self.num_seen, pod.bins, pod.thresholds)
-        self.set_thresholds(hist.all_reduce().thresholds(pod.entropy_floor).to(
-            next(teacher.parameters()).device))
+            hist.update(teacher(images.to(weight.dtype)).logits, labels)
+        self.set_thresholds(hist.all_reduce().thresholds(pod.entropy_floor).to(weight.device))
 
 
 @register("ft")
