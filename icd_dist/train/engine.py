@@ -3,7 +3,15 @@ with the protocol's SGD (or AdamW) and a poly schedule stepped per optimiser ste
 gradient accumulation so that the global batch is optim.batch_size.
 
 Both engines expose the same small interface (forward, backward, step, module, save/load),
-and on the same seed give the same loss curve in fp32 (tested).
+and on the same seed give the same loss curve in fp32 and in bf16 (tested).
+
+bf16 means the same in both engines: torch.autocast(bfloat16) around the forward, with fp32
+weights (the master weights: what the optimiser updates, what model.pt holds and what the next
+step starts from), fp32 gradients and all-reduce, normalisation layers with fp32 weights and
+statistics (their kernels accumulate in fp32). DeepSpeed's own bf16 mode (a bf16 module with
+fp32 copies in the optimiser) is not used. It runs on CPU too. fp16 is DeepSpeed's fp16 mode
+(an fp16 module, dynamic loss scaling) or autocast with a GradScaler on DDP, GPU only; an
+optimiser step skipped for an overflow does not advance the poly schedule in either engine.
 
 On CPU, DeepSpeed runs with DS_ACCELERATOR=cpu on the gloo group Ray Train made; its
 shared-memory all-reduce op (JIT-compiled on every initialize) is marked incompatible so
@@ -35,13 +43,20 @@ PRECISION_DTYPES: dict[str, torch.dtype | None] = {
 
 
 def resolve_precision(cfg: Config, on_gpu: bool) -> str:
-    """fp32 / bf16 / fp16 for this worker: `auto` is bf16 on GPUs that support it, else fp32."""
+    """fp32 / bf16 / fp16 for this worker: `auto` is bf16 on GPUs that support it, else fp32;
+    bf16 also runs on CPU, fp16 needs a GPU."""
     p = cfg.engine.precision
     if p == "auto":
         return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
-    if p != "fp32" and not on_gpu:
-        raise ValueError(f"engine.precision={p} needs a GPU; use fp32 (or auto) on CPU")
+    if p == "fp16" and not on_gpu:
+        raise ValueError("engine.precision=fp16 needs a GPU; use bf16, fp32 or auto on CPU")
     return p
+
+
+def autocast(device_type: str, precision: str):
+    """The forward's mixed-precision context: autocast to bf16/fp16, none for fp32."""
+    dtype = PRECISION_DTYPES[precision]
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def build_optimizer(cfg: Config, params, lr: float) -> torch.optim.Optimizer:
@@ -70,7 +85,8 @@ class TrainEngine:
 
     def step(self) -> bool:
         """End of a micro-batch: at an accumulation boundary, optimiser + lr step. Returns
-        whether the weights changed."""
+        whether an optimiser step was applied (not at other micro-batches, nor when fp16
+        loss scaling skipped it for an overflow; only applied steps advance the schedule)."""
         raise NotImplementedError
 
     def lr(self) -> float:
@@ -112,7 +128,7 @@ class DeepSpeedTrainEngine(TrainEngine):
             "gradient_clipping": 0.0,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
-            "bf16": {"enabled": precision == "bf16"},
+            # bf16 is autocast around an fp32 module (see the module docstring)
             "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         }
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -121,11 +137,13 @@ class DeepSpeedTrainEngine(TrainEngine):
         self.module = self.engine.module
         self.accumulation = accumulation
         self.precision = precision
-        # DeepSpeed keeps bf16/fp16 weights: the images must come in that dtype
-        self.input_dtype = PRECISION_DTYPES[precision] or torch.float32
+        self.device_type = "cuda" if on_gpu else "cpu"
+        # DeepSpeed's fp16 mode keeps fp16 weights: the images must come in that dtype
+        self.input_dtype = torch.float16 if precision == "fp16" else torch.float32
 
     def forward(self, *args, **kwargs):
-        return self.engine(*args, **kwargs)
+        with autocast(self.device_type, "bf16") if self.precision == "bf16" else nullcontext():
+            return self.engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -133,7 +151,7 @@ class DeepSpeedTrainEngine(TrainEngine):
     def step(self) -> bool:
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        return boundary
+        return boundary and self.engine.was_step_applied()
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -187,10 +205,9 @@ class DDPTrainEngine(TrainEngine):
         # DDP decides in forward whether the coming backward all-reduces: skip it on
         # micro-batches before the accumulation boundary.
         sync = (self.micro_step + 1) % self.accumulation == 0
-        dtype = PRECISION_DTYPES[self.precision]
         no_sync = not sync and isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
         with self.wrapped.no_sync() if no_sync else nullcontext(), \
-                torch.autocast(self.device_type, dtype=dtype, enabled=dtype is not None):
+                autocast(self.device_type, self.precision):
             return self.wrapped(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -200,11 +217,15 @@ class DDPTrainEngine(TrainEngine):
         self.micro_step += 1
         if self.micro_step % self.accumulation:
             return False
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return True
+        # GradScaler skips the optimiser step on inf/nan gradients and lowers its scale
+        applied = scale is None or self.scaler.get_scale() >= scale
+        if applied:
+            self.scheduler.step()
+        return applied
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
