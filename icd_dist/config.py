@@ -702,6 +702,40 @@ def override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
+def update(cfg: Config, changes: Mapping[str, Any]) -> Config:
+    """A new validated Config: `cfg` with the typed values `changes` ({"run.name": "x",
+    "loss.icd.stats": (("std",),)}) set by dataclasses.replace; no text is parsed. A wrong key
+    or a value of the wrong type is a ConfigError naming the key and what it allows."""
+    for key, value in changes.items():
+        cfg = _set(cfg, key.split("."), value, "")
+    _cross_checks(cfg)
+    return cfg
+
+
+def _set(node: Any, parts: list[str], value: Any, prefix: str) -> Any:
+    """`node` (a config dataclass) with the field at the dotted path `parts` set to `value`."""
+    fields = _schema_fields(type(node))
+    name, full = parts[0], prefix + parts[0]
+    if name not in fields:
+        raise _unknown_key_error(prefix, name, type(node), None)
+    tp = fields[name]
+    if len(parts) > 1:
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(full, f"is {_type_name(tp)}, not a section with keys")
+        new = _set(getattr(node, name), parts[1:], value, full + ".")
+    else:
+        if dataclasses.is_dataclass(tp):
+            raise ConfigError(full, "is a section: set its keys one by one")
+        try:
+            new = _coerce(value, tp)
+        except _Mismatch:
+            raise ConfigError(full, f"expected {_type_name(tp)}, got {value!r}") from None
+        rule = _RULES.get(full)
+        if rule is not None and not rule[0](new):
+            raise ConfigError(full, f"must be {rule[1]}, got {value!r}")
+    return dataclasses.replace(node, **{name: new})
+
+
 def replace(cfg: Config, overrides: Sequence[str]) -> Config:
     """A new validated Config: `cfg` with `key=value` overrides applied."""
     data = config_to_dict(cfg)

@@ -11,30 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from icd_dist.config import ConfigError, load_config
+import yaml
+
+from icd_dist.config import ConfigError, config_from_dict
 from icd_dist.css.remap import eval_lut
 from icd_dist.css.tasks import task_from_config
 from icd_dist.data.inspect import eval_selected_keys, manifest_spec
 from icd_dist.data.manifest import load_manifest
-from icd_dist.train.run_folder import DONE
-from icd_dist.train.storage import Storage
+from icd_dist.train.run_folder import RunFolder
 
 # torch and the model are imported by evaluate_run only, so that --help answers at once.
-
-
-def last_complete_step(storage: Storage, num_steps: int) -> int:
-    """The highest step with a DONE marker; FileNotFoundError if none."""
-    for step in reversed(range(num_steps)):
-        if storage.exists(f"step_{step}/{DONE}"):
-            return step
-    raise FileNotFoundError(f"no complete step in {storage.uri()}")
-
-
-def complete_steps(storage: Storage, num_steps: int) -> list[int]:
-    """The steps with a DONE marker."""
-    return [t for t in range(num_steps) if storage.exists(f"step_{t}/{DONE}")]
 
 
 def evaluate_run(run: str, data: str, step: int | None = None, batch_size: int = 8,
@@ -49,27 +36,24 @@ def evaluate_run(run: str, data: str, step: int | None = None, batch_size: int =
     from icd_dist.train.metrics import format_per_class_table, step_metrics
     from icd_dist.train.step_worker import evaluate
 
-    storage = Storage(run)
-    if not storage.exists("config.yaml"):
+    folder = RunFolder(run)
+    if not folder.has_config():
         raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
-    tmp = Path(storage.path("config.yaml")) if storage.local else None
-    if tmp is None:
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp()) / "config.yaml"
-        tmp.write_bytes(storage.read_bytes("config.yaml"))
-    cfg = load_config(tmp)
+    cfg = config_from_dict(yaml.safe_load(folder.read_config()) or {})
     manifest = load_manifest(data)
     task = task_from_config(cfg, manifest_spec(manifest))
-    step = last_complete_step(storage, task.num_steps) if step is None else step
+    done = folder.done_steps(task.num_steps)
+    if step is None:
+        if not done:
+            raise FileNotFoundError(f"no complete step in {folder.uri()}")
+        step = done[-1]
     if not 0 <= step < task.num_steps:
         raise ValueError(f"step {step}: the run has steps 0-{task.num_steps - 1} "
                          f"({task.name})")
-    if not storage.exists(f"step_{step}/{DONE}"):
-        done = complete_steps(storage, task.num_steps)
+    if step not in done:
         raise FileNotFoundError(f"step {step} of {run} is not complete (complete steps: "
                                 f"{', '.join(map(str, done)) or 'none'})")
-    saved = storage.load_torch(f"step_{step}/model.pt")
+    saved = folder.load_model(step)
     model = build_model(cfg.model, saved["classes_per_step"], load_pretrained=False)
     model.load_state_dict(inference_state(saved["state_dict"]))
     keys = eval_selected_keys(manifest, task, step, cfg.data.eval_filter)

@@ -1,11 +1,14 @@
 """Input-pipeline throughput on this machine's CPU: DALI (CPU operators), the torch pipeline,
 and a plain baseline (PIL decode + torchvision transforms in a DataLoader), on the same
 cores, with the protocol's training augmentation (random resized crop + flip) at crop 512.
+With `--dali-device gpu`, DALI decodes and augments on GPU 0 instead (the training path on GPU
+workers), and every pipeline's batches are timed up to their arrival on that GPU.
 
 Two inputs: CamVid-sized JPEGs (480x360; the real CamVid images when ../shared/data/camvid
 exists) and 512x512 JPEGs (synthetic). Prints a table and writes JSON.
 
-    python tools/bench_data.py [--images 256] [--workers 2] [--out bench_data.json]
+    python tools/bench_data.py [--images 256] [--workers 2] [--dali-device cpu|gpu]
+                               [--out bench_data.json]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from bench_common import cpu_name  # noqa: E402
 
 from icd_dist.css.classes import generic_spec, get_dataset  # noqa: E402
 from icd_dist.data.dali_pipeline import DaliLoader, DaliOptions  # noqa: E402
-from icd_dist.data.manifest import load_manifest, write_step_index  # noqa: E402
+from icd_dist.data.manifest import load_manifest  # noqa: E402
 from icd_dist.data.readers import RawSample, list_samples  # noqa: E402
 from icd_dist.data.shard_writer import build_shards  # noqa: E402
 from icd_dist.data.synthetic import render_sample  # noqa: E402
@@ -82,16 +85,25 @@ class PlainDataset(torch.utils.data.Dataset):
         return image, mask.long()
 
 
-def take(batches, limit: int) -> float:
-    """Images per second while drawing at least `limit` images from an iterator."""
+def take(batches, limit: int, device: torch.device | None = None) -> float:
+    """Images per second while drawing at least `limit` images from an iterator (each batch
+    moved to `device` when given, its copies finished before the clock stops)."""
     n, start = 0, time.perf_counter()
     while n < limit:
         b = next(batches)
-        n += (b[0] if isinstance(b, (tuple, list)) else b.images).shape[0]
+        images = b[0] if isinstance(b, (tuple, list)) else b.images
+        if device is not None:
+            labels = b[1] if isinstance(b, (tuple, list)) else b.labels
+            images = images.to(device, non_blocking=True)
+            labels.to(device, non_blocking=True)
+        n += images.shape[0]
+    if device is not None:
+        torch.cuda.synchronize(device)
     return n / (time.perf_counter() - start)
 
 
-def interleaved(pipelines: dict, images: int, rounds: int) -> dict[str, float]:
+def interleaved(pipelines: dict, images: int, rounds: int,
+                device: torch.device | None = None) -> dict[str, float]:
     """Median images/s of each pipeline over `rounds` rounds that alternate between them, so
     that the machine's speed drifting during the run affects all of them alike. Each round
     starts the pipeline afresh (nothing prefetches in the background while another one is
@@ -101,16 +113,17 @@ def interleaved(pipelines: dict, images: int, rounds: int) -> dict[str, float]:
         for name, make in pipelines.items():
             it = iter(make())
             next(it)
-            rates[name].append(take(it, max(1, images // rounds)))
+            rates[name].append(take(it, max(1, images // rounds), device))
             it.close()  # stops the generator, and with it the loader's workers
             del it
     return {name: float(np.median(r)) for name, r in rates.items()}
 
 
 def bench(name: str, shard_dir: Path, raw: list[RawSample], crop: int, images: int,
-          workers: int, batch: int, rounds: int) -> dict:
+          workers: int, batch: int, rounds: int, gpu: bool = False) -> dict:
     """Throughput of the three pipelines on one input set (as many epochs as needed): DALI
-    and torch read the shards in `shard_dir`, the baseline the raw files."""
+    and torch read the shards in `shard_dir`, the baseline the raw files. With `gpu`, DALI
+    runs on GPU 0 (key dali_gpu instead of dali_cpu) and every batch is timed onto it."""
     manifest = load_manifest(shard_dir)
     keys = [s.key for s in manifest.samples]
 
@@ -120,11 +133,12 @@ def bench(name: str, shard_dir: Path, raw: list[RawSample], crop: int, images: i
             yield from make_loader(ds, batch, num_workers=workers, epoch=e)
 
     def dali_epochs():
-        tars, idx = write_step_index(manifest, shard_dir, keys, shard_dir / "idx")
-        loader = DaliLoader(tars, idx, DaliOptions(batch, True, crop, num_threads=workers,
-                                                   shuffle_buffer=64), None)
-        while True:
-            yield from loader
+        loader = DaliLoader(str(shard_dir), manifest.samples,
+                            DaliOptions(batch, True, crop, num_threads=workers,
+                                        device_id=0 if gpu else None), None)
+        for e in itertools.count():
+            loader.set_epoch(e)
+            yield from ((images, labels) for images, labels, _ in loader)
 
     def plain_epochs():
         ds = PlainDataset(raw, crop)
@@ -132,8 +146,9 @@ def bench(name: str, shard_dir: Path, raw: list[RawSample], crop: int, images: i
             yield from torch.utils.data.DataLoader(ds, batch, shuffle=True,
                                                    num_workers=workers)
 
-    rates = interleaved({"dali_cpu": dali_epochs, "torch": torch_epochs,
-                         "plain": plain_epochs}, images, rounds)
+    dali = "dali_gpu" if gpu else "dali_cpu"
+    rates = interleaved({dali: dali_epochs, "torch": torch_epochs, "plain": plain_epochs},
+                        images, rounds, torch.device("cuda", 0) if gpu else None)
     first = manifest.samples[0]
     return {"input": name, "size": f"{first.width}x{first.height}", "crop": crop, **rates}
 
@@ -146,11 +161,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=512)
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (median taken)")
+    p.add_argument("--dali-device", choices=["cpu", "gpu"], default="cpu",
+                   help="where DALI decodes and augments (gpu: GPU 0, batches timed onto it)")
     p.add_argument("--out", default="bench_data.json")
     args = p.parse_args()
+    gpu = args.dali_device == "gpu"
+    if gpu and not torch.cuda.is_available():
+        p.error("--dali-device gpu needs a CUDA device")
     torch.set_num_threads(1)
     rows = []
-    common = (args.crop, args.images, args.workers, args.batch, args.rounds)
+    common = (args.crop, args.images, args.workers, args.batch, args.rounds, gpu)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if (CAMVID / "train.txt").is_file():
@@ -164,18 +184,22 @@ def main() -> None:
         raw = make_raw(tmp / "raw512", 96, 512, 512)
         build_shards(raw, generic_spec("bench", 12), tmp / "s512", "bench", progress=False)
         rows.append(bench("512x512", tmp / "s512", raw, *common))
-    env = {"device": f"CPU: {cpu_name()}, {os.cpu_count()} cores", "python": sys.version.split()[0],
+    device = f"CPU: {cpu_name()}, {os.cpu_count()} cores"
+    if gpu:
+        device = f"GPU: {torch.cuda.get_device_name(0)}; {device}"
+    dali = "dali_gpu" if gpu else "dali_cpu"
+    env = {"device": device, "dali_device": args.dali_device, "python": sys.version.split()[0],
            "torch": torch.__version__, "dali": _version("nvidia.dali"),
            "torchvision": _version("torchvision"), "workers": args.workers,
            "batch": args.batch, "images_timed": args.images, "rounds": args.rounds}
     print(f"input pipelines, images/s, median of {args.rounds} alternating rounds "
           f"({env['device']}; {args.workers} workers/threads, batch {args.batch}, "
           f"crop {args.crop}, train augmentation)")
-    print(f"{'input':<14} {'size':>9} {'DALI-CPU':>9} {'torch':>9} {'plain':>9} "
-          f"{'torch/DALI':>10} {'torch/plain':>11}")
+    print(f"{'input':<14} {'size':>9} {dali.replace('_', '-').upper():>9} {'torch':>9} "
+          f"{'plain':>9} {'torch/DALI':>10} {'torch/plain':>11}")
     for r in rows:
-        print(f"{r['input']:<14} {r['size']:>9} {r['dali_cpu']:>9.1f} {r['torch']:>9.1f} "
-              f"{r['plain']:>9.1f} {r['torch'] / r['dali_cpu']:>10.2f} "
+        print(f"{r['input']:<14} {r['size']:>9} {r[dali]:>9.1f} {r['torch']:>9.1f} "
+              f"{r['plain']:>9.1f} {r['torch'] / r[dali]:>10.2f} "
               f"{r['torch'] / r['plain']:>11.2f}")
     print(f"torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali']}, "
           f"Python {env['python']}")

@@ -1,6 +1,12 @@
-"""The DALI input pipeline: fn.readers.webdataset over the step's index files (only the
-selected samples), sharded by rank, decoded on the GPU ("mixed") when the worker has one and
-by DALI's CPU operators otherwise (device_id=None).
+"""The DALI input pipeline: the encoded samples of an epoch, in epoch_order's order and split
+(the torch pipeline's), read by their manifest offsets and handed to DALI by an external
+source; decoded on the GPU ("mixed") when the worker has one and by DALI's CPU operators
+otherwise (device_id=None).
+
+Every epoch builds its pipeline afresh, seeded by (seed, rank, epoch): each rank has its own
+augmentation stream, an epoch's augmentation does not depend on what ran before it (a resumed
+step draws what the uninterrupted one drew), and no epoch ever starts from another's leftovers
+(DALI's reader ignores a reset in mid-epoch; a fresh pipeline has nothing left over).
 
 Same semantics as transforms.py, with DALI's random generator: crop_mode "inside" is MiB/PLOP's
 RandomResizedCrop (10 draws of a box of area s * H * W, s ~ U(scale), log-uniform aspect,
@@ -24,6 +30,10 @@ import torch
 
 from icd_dist.css.classes import IGNORE_INDEX
 from icd_dist.css.remap import apply_lut
+from icd_dist.data.epoch_order import eval_indices, train_positions
+from icd_dist.data.manifest import SampleRecord
+from icd_dist.data.sample_io import read_member
+from icd_dist.data.shard_files import ShardFile, join
 from icd_dist.data.transforms import CROP_ATTEMPTS, CROP_MODES, IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -50,23 +60,19 @@ class DaliOptions:
     seed: int = 0
     num_threads: int = 2
     device_id: int | None = None  # None = CPU operators only
-    shuffle_buffer: int = 256
     crop_mode: str = "inside"  # "inside" (MiB/PLOP) or "padded", as transforms.py
 
 
-def _build_pipeline(paths: Sequence[str], index_paths: Sequence[str], shard_id: int,
-                    num_shards: int, o: DaliOptions):
+def _build_pipeline(source, o: DaliOptions, seed: int):
+    """The pipeline over the encoded (jpg, png) batches that `source` yields."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
 
     @pipeline_def(batch_size=o.batch_size, num_threads=o.num_threads, device_id=o.device_id,
-                  seed=o.seed, exec_dynamic=True)
+                  seed=seed, exec_dynamic=True)
     def css_pipeline():
-        jpg, png = fn.readers.webdataset(
-            paths=list(paths), index_paths=list(index_paths), ext=["jpg", "png"],
-            shard_id=shard_id, num_shards=num_shards, random_shuffle=o.train,
-            initial_fill=o.shuffle_buffer, seed=o.seed, name="reader",
-            missing_component_behavior="error", pad_last_batch=False)
+        jpg, png = fn.external_source(source=source, num_outputs=2, batch=True,
+                                      cycle="raise", dtype=types.UINT8)
         gpu = o.device_id is not None
         image = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
         label = fn.decoders.image(png, device="cpu", output_type=types.ANY_DATA)
@@ -193,30 +199,92 @@ def inside_crop_box(height, width, u_scale, u_ratio, u_top, u_left,
     return top, left, h, w
 
 
+class _EpochSource:
+    """The encoded batches of one epoch for DALI's external source: lists of uint8 arrays
+    (jpg, png), read at the manifest's offsets; remembers the keys of each batch it gave, in
+    order (DALI keeps the order)."""
+
+    def __init__(self, loader: DaliLoader, indices: list[int]):
+        self.loader = loader
+        self.indices = indices
+        self.keys: list[tuple[str, ...]] = []
+        self.next = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.next >= len(self.indices):
+            raise StopIteration
+        batch = self.indices[self.next: self.next + self.loader.options.batch_size]
+        self.next += len(batch)
+        jpgs, pngs = [], []
+        for i in batch:
+            jpg, png = self.loader.read(i)
+            jpgs.append(np.frombuffer(jpg, dtype=np.uint8))
+            pngs.append(np.frombuffer(png, dtype=np.uint8))
+        self.keys.append(tuple(self.loader.records[i].key for i in batch))
+        return jpgs, pngs
+
+
 class DaliLoader:
-    """Iterates (images float32 (N, 3, h, w), labels int64 (N, h, w) with `lut` applied) over
-    one epoch of this rank's part of the selected samples; iterate again for the next epoch."""
+    """One rank's epochs over the selected samples `records` of the local shard folder
+    `shard_dir`: iterating yields (images float32 (N, 3, h, w), labels int64 (N, h, w) with
+    `lut` applied, keys) for epoch_order's samples of the current epoch (set_epoch). Training
+    reads `samples_per_rank` samples per epoch (default ceil(len / world)); evaluation every
+    sample once across the ranks."""
 
-    def __init__(self, paths: Sequence[str], index_paths: Sequence[str], options: DaliOptions,
-                 lut: np.ndarray | None, rank: int = 0, world_size: int = 1):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
+    def __init__(self, shard_dir: str, records: Sequence[SampleRecord], options: DaliOptions,
+                 lut: np.ndarray | None, rank: int = 0, world_size: int = 1,
+                 samples_per_rank: int | None = None):
         if options.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {options.crop_mode!r}")
-        if not paths:
+        if not records:
             raise ValueError("the selection is empty: no shard has a selected sample")
-        self.pipeline = _build_pipeline(paths, index_paths, rank, world_size, options)
-        self.iterator = DALIGenericIterator(
-            [self.pipeline], ["images", "labels"], reader_name="reader",
-            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+        self.shard_dir = str(shard_dir)
+        self.records = list(records)
+        self.options = options
         self.lut = lut
+        self.rank, self.world_size = rank, world_size
+        self.samples_per_rank = samples_per_rank or -(-len(self.records) // world_size)
+        self.epoch = 0
+        self._files: dict[str, ShardFile] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration reads (its order and augmentation)."""
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        """The record indices this rank reads in the current epoch, in order."""
+        if self.options.train:
+            return [i for i, _ in train_positions(len(self.records), self.options.seed,
+                                                  self.epoch, self.rank, self.world_size,
+                                                  self.samples_per_rank)]
+        return eval_indices(len(self.records), self.rank, self.world_size)
 
     def __len__(self) -> int:
-        return len(self.iterator)
+        return -(-len(self.indices()) // self.options.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for out in self.iterator:
+    def read(self, index: int) -> tuple[bytes, bytes]:
+        """The encoded (jpg, png) of record `index`."""
+        rec = self.records[index]
+        f = self._files.get(rec.shard)
+        if f is None:
+            f = self._files[rec.shard] = ShardFile(join(self.shard_dir, rec.shard))
+        return (read_member(f, *rec.image, rec.shard, rec.key, "image"),
+                read_member(f, *rec.label, rec.shard, rec.key, "label"))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        source = _EpochSource(self, self.indices())
+        seed = int(np.random.SeedSequence([self.options.seed, self.rank, self.epoch])
+                   .generate_state(1)[0] % (2**31 - 1))
+        pipeline = _build_pipeline(source, self.options, seed)
+        iterator = DALIGenericIterator([pipeline], ["images", "labels"],
+                                       last_batch_policy=LastBatchPolicy.PARTIAL)
+        for n, out in enumerate(iterator):
             images = out[0]["images"]
             labels = out[0]["labels"][..., 0]
             labels = apply_lut(self.lut, labels) if self.lut is not None else labels.long()
-            yield images, labels
+            yield images, labels, source.keys[n]

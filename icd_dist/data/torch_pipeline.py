@@ -1,10 +1,10 @@
 """The torch input pipeline: random access into the shards by the manifest's offsets, decoded
 with torchvision.io, in a DataLoader with worker processes.
 
-Random access (rather than streaming the tars) gives exact epoch semantics: the step's
-selected keys are permuted with (seed, epoch), split across ranks as DistributedSampler does,
-and every loader worker reads whichever samples it is handed; each sample's augmentation is
-seeded by (seed, epoch, sample index), so results do not depend on the number of workers.
+Random access (rather than streaming the tars) gives exact epoch semantics: the samples of
+an epoch and their split across ranks are epoch_order's (as the DALI pipeline's), every loader
+worker reads whichever samples it is handed, and each sample's augmentation is seeded by
+(seed, epoch, position in the epoch), so results do not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from icd_dist.css.remap import apply_lut
+from icd_dist.data.epoch_order import eval_indices, train_positions
 from icd_dist.data.errors import BadSampleError
 from icd_dist.data.manifest import load_manifest
 from icd_dist.data.sample_io import decode_sample, read_member
@@ -109,7 +110,10 @@ class ShardDataset(Dataset):
         png = read_member(f, *rec.label, rec.shard, rec.key, "label")
         return decode_sample(jpg, png, rec, self.num_classes)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """The sample `item` (an index, or (index, position in the epoch) as EpochSampler
+        yields), augmented for the current epoch (the position, else the index, seeds it)."""
+        index, position = item if isinstance(item, tuple) else (item, item)
         try:
             image, label = self.load(index)
         except BadSampleError as exc:
@@ -119,8 +123,8 @@ class ShardDataset(Dataset):
             return SkippedSample(exc.shard or rec.shard, exc.key or rec.key, exc.reason)
         a = self.augment
         if a.train:
-            g = torch.Generator().manual_seed(
-                int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence(
+                [self.seed, self.epoch, position]).generate_state(1)[0]))
             image, label = train_transform(image, label, a.crop_size, g, a.scale, a.hflip,
                                            mode=a.crop_mode)
         elif a.eval_size is not None:
@@ -129,18 +133,19 @@ class ShardDataset(Dataset):
             label = apply_lut(self.lut, label, source=self.records[index].key)
         else:
             label = label.long()
-        return image, label
+        return image, label, self.records[index].key
 
 
 @dataclass
 class Batch:
     """A batch: images (N, 3, h, w) float32, labels (N, h, w) int64, the number of bad
-    samples skipped and which they were."""
+    samples skipped and which they were, and the keys of its samples."""
 
     images: torch.Tensor
     labels: torch.Tensor
     skipped: int
     bad_samples: tuple[SkippedSample, ...] = ()
+    keys: tuple[str, ...] = ()
 
 
 def collate_skipping_bad(items: list) -> Batch:
@@ -152,7 +157,7 @@ def collate_skipping_bad(items: list) -> Batch:
         return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8),
                      torch.empty(0, 0, 0, dtype=torch.long), len(bad), bad)
     return Batch(torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]),
-                 len(bad), bad)
+                 len(bad), bad, tuple(g[2] for g in good))
 
 
 class NormalizingLoader:
@@ -169,7 +174,22 @@ class NormalizingLoader:
     def __iter__(self):
         for batch in self.loader:
             yield Batch(normalize(batch.images), batch.labels, batch.skipped,
-                        batch.bad_samples)
+                        batch.bad_samples, batch.keys)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """A training epoch of one rank as epoch_order.train_positions says: (index, position)
+    pairs, `samples_per_rank` of them."""
+
+    def __init__(self, length: int, seed: int, epoch: int, rank: int, world_size: int,
+                 samples_per_rank: int):
+        self.items = train_positions(length, seed, epoch, rank, world_size, samples_per_rank)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class ContiguousShardSampler(Sampler[int]):
@@ -177,7 +197,7 @@ class ContiguousShardSampler(Sampler[int]):
     no padding (for evaluation, where a repeated sample would be counted twice)."""
 
     def __init__(self, length: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, length, world_size))
+        self.indices = eval_indices(length, rank, world_size)
 
     def __iter__(self):
         return iter(self.indices)
@@ -188,17 +208,18 @@ class ContiguousShardSampler(Sampler[int]):
 
 def make_loader(dataset: ShardDataset, batch_size: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 2, epoch: int = 0, seed: int = 0,
-                shuffle: bool | None = None) -> NormalizingLoader:
+                shuffle: bool | None = None, batches_per_epoch: int | None = None
+                ) -> NormalizingLoader:
     """A DataLoader over this rank's part of the dataset for `epoch`. Training (shuffle):
-    a (seed, epoch) permutation split across ranks as DistributedSampler does (the last few
-    indices padded by repetition so every rank gets as many); evaluation: a contiguous split
-    with every sample exactly once."""
+    epoch_order's permutation and split, `batches_per_epoch` full batches on every rank
+    (default: enough for every sample once, ceil(len / world) samples per rank, the last
+    batch possibly partial); evaluation: a contiguous split with every sample exactly once."""
     shuffle = dataset.augment.train if shuffle is None else shuffle
     dataset.set_epoch(epoch)
     if shuffle:
-        sampler: Sampler[int] = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                                   shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
+        per_rank = batches_per_epoch * batch_size if batches_per_epoch else \
+            -(-len(dataset) // world_size)
+        sampler: Sampler = EpochSampler(len(dataset), seed, epoch, rank, world_size, per_rank)
     else:
         sampler = ContiguousShardSampler(len(dataset), rank, world_size)
     # Object-store clients are not fork-safe once used (the manifest was read through one):

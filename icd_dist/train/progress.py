@@ -16,13 +16,6 @@ from collections.abc import Callable
 
 from icd_dist.train.storage import Storage
 
-PROGRESS = "progress.log"
-
-
-def progress_path(step: int) -> str:
-    """The progress file of `step`, relative to the run folder."""
-    return f"step_{step}/{PROGRESS}"
-
 
 class ProgressWriter:
     """Appends lines to a progress file (local: appended and flushed line by line; object

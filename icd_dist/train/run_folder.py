@@ -1,4 +1,9 @@
-"""What a run folder keeps, and how big it is.
+"""The run folder: every path of a run, in one place (RunFolder), over a Storage (a local
+folder or an object-store URI); and how big the folder is.
+
+    config.yaml  summary.json  run.log  failures/  ray/
+    step_t/  model.pt  metrics.json  progress.log  DONE (written last)
+             checkpoints/latest.json  checkpoints/epoch_e/ (engine state, rank_{r}.pt)
 
 Resuming needs a finished step's model.pt, metrics.json and DONE marker, and, for an
 unfinished step, its latest epoch checkpoint (the step loop keeps only that one). Once a step
@@ -8,11 +13,17 @@ model's size) serves nothing, so it is deleted unless `run.keep_checkpoints=true
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
 import pyarrow.fs as pafs
 
 from icd_dist.train.storage import Storage
 
-DONE = "DONE"  # a finished step's marker, written last (by the step loop, step_worker)
+DONE = "DONE"  # a finished step's marker, written last (by the step loop)
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
 
 
 def checkpoints_dir(step: int) -> str:
@@ -20,14 +31,170 @@ def checkpoints_dir(step: int) -> str:
     return f"step_{step}/checkpoints"
 
 
-def prune_checkpoints(storage: Storage, step: int) -> bool:
-    """Delete the epoch checkpoints of `step` if the step is DONE; True if any were deleted.
-    An unfinished step keeps them (a re-run resumes from its latest epoch)."""
-    folder = checkpoints_dir(step)
-    if not storage.exists(f"step_{step}/{DONE}") or not storage.exists(folder):
-        return False
-    storage.fs.delete_dir(storage.path(folder))
-    return True
+class RunFolder:
+    """The files of one run: the schedule, the step workers, `evaluate`, the step-0 cache and
+    the sweep read and write run folders through this class only."""
+
+    def __init__(self, storage: Storage | str):
+        self.storage = storage if isinstance(storage, Storage) else Storage(storage)
+
+    def uri(self, rel: str = "") -> str:
+        """A path or URI of `rel` inside the run (the run itself by default)."""
+        return self.storage.uri(rel)
+
+    @property
+    def local(self) -> bool:
+        """Whether the run folder is on a local disk."""
+        return self.storage.local
+
+    def child(self, rel: str) -> RunFolder:
+        """The run folder at `rel` inside this folder (a trial of a sweep, a cache entry)."""
+        return RunFolder(self.storage.child(rel))
+
+    # the run
+    def exists(self) -> bool:
+        """Whether the run folder exists."""
+        return self.storage.exists("")
+
+    def has_config(self) -> bool:
+        """Whether the run's resolved config is there (a folder made by a run)."""
+        return self.storage.exists(CONFIG)
+
+    def write_config(self, text: str) -> None:
+        """Keep the run's resolved config (YAML) beside its results."""
+        self.storage.makedirs()
+        self.storage.write_bytes(CONFIG, text.encode())
+
+    def read_config(self) -> str:
+        """The run's resolved config (YAML text)."""
+        return self.storage.read_bytes(CONFIG).decode()
+
+    def write_summary(self, summary: dict) -> None:
+        """The run's summary.json."""
+        self.storage.write_json(SUMMARY, summary)
+
+    def failures_dir(self) -> str:
+        """Where injected test failures leave their markers ("" for object stores)."""
+        return self.storage.uri("failures") if self.local else ""
+
+    # a step
+    @staticmethod
+    def step_dir(step: int) -> str:
+        """The folder of `step`, relative to the run folder."""
+        return f"step_{step}"
+
+    def is_done(self, step: int) -> bool:
+        """Whether `step` finished (its DONE marker, written last, is there)."""
+        return self.storage.exists(f"step_{step}/{DONE}")
+
+    def done_steps(self, num_steps: int) -> list[int]:
+        """The finished steps among 0 .. num_steps - 1."""
+        return [t for t in range(num_steps) if self.is_done(t)]
+
+    def mark_done(self, step: int) -> None:
+        """Write the DONE marker of `step` (after its model and metrics)."""
+        self.storage.write_bytes(f"step_{step}/{DONE}", b"done\n")
+
+    def save_model(self, step: int, payload: dict) -> None:
+        """model.pt of `step`: {"state_dict" (fp32), "classes_per_step", "class_order"}."""
+        self.storage.save_torch(f"step_{step}/model.pt", payload)
+
+    def load_model(self, step: int) -> dict:
+        """What save_model wrote (loaded with weights_only=True)."""
+        return self.storage.load_torch(f"step_{step}/model.pt")
+
+    def has_metrics(self, step: int) -> bool:
+        """Whether metrics.json of `step` is there."""
+        return self.storage.exists(f"step_{step}/metrics.json")
+
+    def write_metrics(self, step: int, metrics: dict) -> None:
+        """metrics.json of `step`."""
+        self.storage.write_json(f"step_{step}/metrics.json", metrics)
+
+    def read_metrics(self, step: int) -> dict:
+        """metrics.json of `step`."""
+        return self.storage.read_json(f"step_{step}/metrics.json")
+
+    def progress(self, step: int) -> str:
+        """The progress file of `step`, relative to the run folder."""
+        return f"step_{step}/progress.log"
+
+    def local_step_dir(self, step: int, run_name: str) -> Path:
+        """A local folder for the files of `step` that are written by other libraries (W&B):
+        the step's folder itself on a local disk, else one in the temporary directory."""
+        if self.local:
+            return Path(self.storage.path(self.step_dir(step)))
+        return Path(tempfile.gettempdir()) / run_name / self.step_dir(step)
+
+    def copy_step(self, step: int, source: RunFolder) -> None:
+        """Copy a finished step (model, metrics, then the DONE marker) from `source`."""
+        if not source.is_done(step):
+            raise FileNotFoundError(f"{source.uri(self.step_dir(step))} is not a finished "
+                                    f"step (no {DONE})")
+        for name in ("model.pt", "metrics.json", DONE):
+            rel = f"step_{step}/{name}"
+            self.storage.write_bytes(rel, source.storage.read_bytes(rel))
+
+    # epoch checkpoints of an unfinished step
+    def latest_epoch(self, step: int) -> int | None:
+        """The last epoch of `step` whose checkpoint is complete, or None."""
+        rel = f"{checkpoints_dir(step)}/latest.json"
+        return int(self.storage.read_json(rel)["epoch"]) if self.storage.exists(rel) else None
+
+    def write_epoch(self, step: int, epoch: int, write: Callable[[Path], None]) -> None:
+        """Let `write(folder)` put this rank's files of the epoch checkpoint in a local
+        folder (the checkpoint's own folder on a local disk; a temporary one uploaded after
+        it otherwise)."""
+        rel = f"{checkpoints_dir(step)}/epoch_{epoch}"
+        if self.local:
+            Path(self.storage.path(rel)).mkdir(parents=True, exist_ok=True)
+            write(Path(self.storage.path(rel)))
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            write(Path(folder))
+            for path in Path(folder).rglob("*"):
+                if path.is_file():
+                    self.storage.write_bytes(f"{rel}/{path.relative_to(folder)}",
+                                             path.read_bytes())
+
+    def commit_epoch(self, step: int, epoch: int) -> None:
+        """Record `epoch` as the latest complete checkpoint of `step` (once every rank wrote
+        its part) and delete the one before it."""
+        folder = checkpoints_dir(step)
+        self.storage.write_json(f"{folder}/latest.json", {"epoch": epoch})
+        previous = f"{folder}/epoch_{epoch - 1}"
+        if epoch > 0 and self.storage.exists(previous):
+            self.storage.fs.delete_dir(self.storage.path(previous))
+
+    def read_epoch(self, step: int, epoch: int, read: Callable[[Path], None]) -> None:
+        """Call `read(folder)` with a local folder holding the epoch checkpoint's files."""
+        rel = f"{checkpoints_dir(step)}/epoch_{epoch}"
+        if self.local:
+            read(Path(self.storage.path(rel)))
+            return
+        root = self.storage.path(rel)
+        with tempfile.TemporaryDirectory() as folder:
+            selector = pafs.FileSelector(root, recursive=True)
+            for info in self.storage.fs.get_file_info(selector):
+                if info.type == pafs.FileType.File:
+                    sub = info.path[len(root) + 1:]
+                    target = Path(folder) / sub
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(self.storage.read_bytes(f"{rel}/{sub}"))
+            read(Path(folder))
+
+    def prune_checkpoints(self, step: int) -> bool:
+        """Delete the epoch checkpoints of `step` if the step is DONE; True if any were
+        deleted. An unfinished step keeps them (a re-run resumes from its latest epoch)."""
+        folder = checkpoints_dir(step)
+        if not self.is_done(step) or not self.storage.exists(folder):
+            return False
+        self.storage.fs.delete_dir(self.storage.path(folder))
+        return True
+
+    def size_bytes(self) -> int:
+        """The total size of the run folder's files."""
+        return folder_bytes(self.storage)
 
 
 def folder_bytes(storage: Storage) -> int:

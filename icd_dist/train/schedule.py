@@ -34,7 +34,7 @@ from icd_dist.data.verify import check_run_shards
 from icd_dist.losses.methods import build_method
 from icd_dist.models.pretrained import check_pretrained
 from icd_dist.train.console import RunLog, step_failure
-from icd_dist.train.progress import ProgressFollower, progress_path
+from icd_dist.train.progress import ProgressFollower
 from icd_dist.train.ray_session import describe_ray, init_ray
 from icd_dist.train.report import (
     format_bad_samples,
@@ -43,8 +43,8 @@ from icd_dist.train.report import (
     format_summary_table,
     write_plots,
 )
-from icd_dist.train.run_folder import folder_bytes, format_bytes, prune_checkpoints
-from icd_dist.train.step_worker import DONE, StepJob, train_step_worker
+from icd_dist.train.run_folder import SUMMARY, RunFolder, format_bytes
+from icd_dist.train.step_worker import StepJob, train_step_worker
 from icd_dist.train.storage import Storage
 from icd_dist.train.teacher_share import put_teacher
 
@@ -92,7 +92,7 @@ def use_gpu(cfg: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def fit_step(job: StepJob, storage: Storage, gpu: bool) -> None:
+def fit_step(job: StepJob, run: RunFolder, gpu: bool) -> None:
     """Run one step's TorchTrainer to completion (resuming its latest epoch checkpoint)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -105,7 +105,7 @@ def fit_step(job: StepJob, storage: Storage, gpu: bool) -> None:
         scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=f"{job.run_name}-step{job.step}", storage_path=storage.uri("ray"),
+            name=f"{job.run_name}-step{job.step}", storage_path=run.uri("ray"),
             failure_config=FailureConfig(max_failures=e.max_failures)),
     )
     trainer.fit()
@@ -135,9 +135,9 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
     for step in range(task.num_steps):  # method/loss/task mismatches fail here, not in workers
         build_method(cfg, task, step)
     name = run_name(cfg, task.name)
-    storage = Storage(cfg.run.storage_path).child(name)
+    run = RunFolder(Storage(cfg.run.storage_path).child(name))
     final = task.num_steps - 1 if last_step is None else min(last_step, task.num_steps - 1)
-    to_train = [t for t in range(final + 1) if not storage.exists(f"step_{t}/{DONE}")
+    to_train = [t for t in range(final + 1) if not run.is_done(t)
                 and not (t == 0 and step0_from)]
     selections = {t: step_selection(cfg, task, t, train_manifest, eval_manifest, train_dir,
                                     eval_dir) for t in to_train}
@@ -145,19 +145,18 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
     eval_keys = [k for _, keys in selections.values() for k in keys]
     check_shards(cfg, [(train_dir, train_manifest, train_keys),
                        (eval_dir, eval_manifest, eval_keys)], run_log)
-    storage.makedirs()
-    run_log.attach(storage)
-    storage.write_bytes("config.yaml", dump_config(cfg).encode())
+    run.write_config(dump_config(cfg))
+    run_log.attach(run.storage)
     started = init_ray(cfg)
     if started:
         run_log(describe_ray())
     try:
-        if step0_from and not storage.exists(f"step_0/{DONE}"):
-            source = Storage(step0_from)
+        if step0_from and not run.is_done(0):
+            source = RunFolder(step0_from)
             check_step0_source(cfg, task, source)
-            copy_finished_step(source, storage, 0)
+            run.copy_step(0, source)
             run_log(f"step 0: taken from {step0_from}")
-        return _run_steps(cfg, task, name, storage, (train_dir, eval_dir), selections, run_log,
+        return _run_steps(cfg, task, name, run, (train_dir, eval_dir), selections, run_log,
                           on_step, final)
     finally:
         if started:
@@ -212,79 +211,67 @@ def step0_model_config(model: dict) -> dict:
     return {k: v for k, v in model.items() if k not in STEP0_NEUTRAL_MODEL_KEYS}
 
 
-def check_step0_source(cfg: Config, task: Task, source: Storage) -> None:
+def check_step0_source(cfg: Config, task: Task, source: RunFolder) -> None:
     """ConfigError unless the finished step 0 in `source` learned this task's step-0 classes
     with this model (the data and step-0 training are the caller's choice)."""
-    if not source.exists(f"step_0/{DONE}"):
-        raise FileNotFoundError(f"{source.uri('step_0')} is not a finished step (no {DONE})")
-    classes = source.read_json("step_0/metrics.json")["classes"]
+    if not source.is_done(0):
+        raise FileNotFoundError(f"{source.uri('step_0')} is not a finished step")
+    classes = source.read_metrics(0)["classes"]
     if list(classes) != [int(c) for c in task.classes_at(0)]:
         raise ConfigError("task", f"step 0 in {source.uri()} learned classes {classes}, this "
                           f"task's step 0 is {list(task.classes_at(0))}")
-    if source.exists("config.yaml"):
-        model = (yaml.safe_load(source.read_bytes("config.yaml")) or {}).get("model")
+    if source.has_config():
+        model = (yaml.safe_load(source.read_config()) or {}).get("model")
         ours = step0_model_config(config_to_dict(cfg)["model"])
         if model is not None and step0_model_config(model) != ours:
             raise ConfigError("model", f"step 0 in {source.uri()} has model {model}, this run "
                               f"has {ours}")
 
 
-def copy_finished_step(source: Storage, dest: Storage, step: int) -> None:
-    """Copy a finished step (its model, metrics and DONE marker, the marker last) from one
-    run folder to another."""
-    folder = f"step_{step}"
-    if not source.exists(f"{folder}/{DONE}"):
-        raise FileNotFoundError(f"{source.uri(folder)} is not a finished step (no {DONE})")
-    for rel in ("model.pt", "metrics.json", DONE):
-        dest.write_bytes(f"{folder}/{rel}", source.read_bytes(f"{folder}/{rel}"))
-
-
-def _prune(cfg: Config, storage: Storage, step: int) -> None:
+def _prune(cfg: Config, run: RunFolder, step: int) -> None:
     if not cfg.run.keep_checkpoints:
-        prune_checkpoints(storage, step)
+        run.prune_checkpoints(step)
 
 
-def _run_steps(cfg: Config, task: Task, name: str, storage: Storage, dirs: tuple[str, str],
+def _run_steps(cfg: Config, task: Task, name: str, run: RunFolder, dirs: tuple[str, str],
                selections: dict[int, tuple[list[str], list[str]]], log: RunLog,
                on_step: StepCallback | None, final: int) -> dict:
     gpu = use_gpu(cfg)
     log(f"run {name}: {task.dataset} {task.name} ({task.setting}), method {cfg.method.name}, "
         f"{task.num_steps} steps, {cfg.engine.num_workers} workers "
-        f"({'GPU' if gpu else 'CPU'}, {cfg.engine.engine}); results in {storage.uri()}")
+        f"({'GPU' if gpu else 'CPU'}, {cfg.engine.engine}); results in {run.uri()}")
     results = []
     num_old = len(task.steps[0])
     for step in range(final + 1):
-        folder = f"step_{step}"
-        if storage.exists(f"{folder}/{DONE}"):
+        if run.is_done(step):
             log(f"step {step}: already complete, skipped")
-            results.append(storage.read_json(f"{folder}/metrics.json"))
-            _prune(cfg, storage, step)
+            results.append(run.read_metrics(step))
+            _prune(cfg, run, step)
             if on_step and step < final:
                 on_step(step, results[-1])
             continue
         keys, eval_keys = selections[step]
         teacher = None
         if step > 0:
-            previous = storage.load_torch(f"step_{step - 1}/model.pt")
+            previous = run.load_model(step - 1)
             teacher = put_teacher(previous["state_dict"])
         log(f"step {step}: classes {format_class_ids(task.classes_at(step))}, {len(keys)} "
             f"training images, {len(eval_keys)} evaluation images")
-        job = StepJob(cfg, task, step, name, storage.uri(), *dirs, keys, eval_keys, teacher=teacher,
-                      failure_marker_dir=str(Path(storage.uri("failures")))
-                      if storage.local else "")
+        job = StepJob(cfg, task, step, name, run.uri(), *dirs, keys, eval_keys, teacher=teacher,
+                      failure_marker_dir=run.failures_dir())
         try:
-            with ProgressFollower(storage, progress_path(step), log):
-                fit_step(job, storage, gpu)
+            with ProgressFollower(run.storage, run.progress(step), log):
+                fit_step(job, run, gpu)
         except Exception as exc:  # a worker's or Ray's error: one line, the rest in run.log
             raise step_failure(step, exc, log) from exc
-        if not storage.exists(f"{folder}/{DONE}"):
+        if not run.is_done(step):
             raise RuntimeError(f"step {step} ended without writing its results")
-        results.append(storage.read_json(f"{folder}/metrics.json"))
+        results.append(run.read_metrics(step))
         log(format_step_result(results[-1]))
         for line in format_bad_samples(results[-1]):
             log(line)
         log(format_class_table(results, num_old))
-        _prune(cfg, storage, step)
+        _prune(cfg, run, step)
         del teacher
         if on_step and step < final:
             on_step(step, results[-1])
@@ -292,12 +279,12 @@ def _run_steps(cfg: Config, task: Task, name: str, storage: Storage, dirs: tuple
                "setting": task.setting, "method": cfg.method.name,
                "config": config_to_dict(cfg), "complete": final == task.num_steps - 1,
                "steps": results}
-    storage.write_json("summary.json", summary)
-    if storage.local:
-        write_plots(results, Path(storage.path("")), name)
+    run.write_summary(summary)
+    if run.local:
+        write_plots(results, Path(run.uri()), name)
     log(f"run {name} complete:\n{format_summary_table(results)}")
-    log(f"summary: {storage.uri('summary.json')}")
-    log(f"run folder: {storage.uri()} ({format_bytes(folder_bytes(storage))})")
+    log(f"summary: {run.uri(SUMMARY)}")
+    log(f"run folder: {run.uri()} ({format_bytes(run.size_bytes())})")
     if on_step:
         on_step(final, results[-1])
     return summary

@@ -17,16 +17,18 @@ import hashlib
 import json
 from collections.abc import Sequence
 
-from icd_dist.config import Config, config_to_dict, override, replace
+from icd_dist.config import Config, config_to_dict, update
 from icd_dist.css.tasks import Task
+from icd_dist.train.run_folder import RunFolder
 from icd_dist.train.schedule import run_schedule, step0_model_config
-from icd_dist.train.step_worker import DONE
 from icd_dist.train.storage import Storage
 
 CACHE_FOLDER = "step0_cache"
 # Bumped whenever step-0 training changes in a way no config key shows (2: the CE averaged
-# over all pixels as MiB/PLOP, their RandomResizedCrop), so older cached models are not reused.
-STEP0_PROTOCOL = 2
+# over all pixels as MiB/PLOP, their RandomResizedCrop; 3: epochs padded to whole optimiser
+# steps instead of dropping the last global batch, bf16 as autocast over fp32 weights), so older
+# cached models are not reused.
+STEP0_PROTOCOL = 3
 _STEP0_OPTIM = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "poly_power",
                 "batch_size", "epochs", "iterations")
 _NUMERICS = ("engine", "num_workers", "micro_batch_size", "precision", "zero_stage")
@@ -61,28 +63,27 @@ class Step0Cache:
     def __init__(self, storage_path: str):
         self.root = Storage(storage_path).child(CACHE_FOLDER)
 
-    def run_folder(self, key: str) -> Storage:
+    def run_folder(self, key: str) -> RunFolder:
         """The run folder of `key` (its step_0/ is the shared model)."""
-        return self.root.child(key)
+        return RunFolder(self.root.child(key))
 
     def is_ready(self, key: str) -> bool:
         """Whether step 0 of `key` has finished."""
-        return self.run_folder(key).exists(f"step_0/{DONE}")
+        return self.run_folder(key).is_done(0)
 
     def trainings(self, key: str) -> list[dict]:
         """Every training of `key`'s step 0 so far (normally exactly one)."""
-        folder = self.run_folder(key)
+        folder = self.run_folder(key).storage
         return list(folder.read_json("trainings.json")) if folder.exists("trainings.json") \
             else []
 
     def train(self, cfg: Config, key: str, identity: dict, log, by: str) -> None:
         """Train step 0 of `key` with `cfg` (resuming an interrupted training) and record it."""
-        folder = self.run_folder(key)
+        folder = self.run_folder(key).storage
         folder.makedirs()
         folder.write_json("identity.json", identity)
         started = dt.datetime.now().isoformat(timespec="seconds")
-        step_cfg = replace(cfg, [override("run.name", key),
-                                 override("run.storage_path", self.root.uri())])
+        step_cfg = update(cfg, {"run.name": key, "run.storage_path": self.root.uri()})
         run_schedule(step_cfg, log=log, last_step=0)
         folder.write_json("trainings.json", [*self.trainings(key), {"started": started,
                                                                    "by": by}])

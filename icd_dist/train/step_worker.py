@@ -1,12 +1,19 @@
-"""The training loop of one incremental step, run by every Ray Train worker.
+"""The training of one incremental step on one Ray Train worker: a StepTrainer.
 
-Each worker: builds the student (from the shared teacher's weights plus the new classifier
-head, or from scratch at step 0) inside the engine, the frozen teacher from the object
-store, and its part of the step's data; resumes from the latest epoch checkpoint if there
-is one; trains epoch by epoch (a checkpoint per epoch; rank 0 appends a line per epoch to the
-step's progress file, which the driver prints); evaluates with the confusion matrix
-all-reduced; and rank 0 writes the consolidated fp32 model.pt, metrics.json (with the distinct
-bad samples every rank skipped, data.bad_samples=skip) and, last, the DONE marker of the step.
+StepTrainer(job).fit() reads top-down: build the method, the student (the shared teacher's
+weights plus the new classifier head, or from scratch at step 0), the frozen teacher, the
+engine and this rank's loaders; resume from the latest epoch checkpoint if there is one; then
+epoch by epoch train_epoch, the optional evaluation, save (the engine's state and every rank's
+RNG and counters); last, evaluate (confusion matrix all-reduced) and write_results: rank 0
+writes the fp32 model.pt (the master weights), metrics.json and, last, the step's DONE marker.
+
+The budget (StepBudget) is fixed before training: every epoch is the same whole number of
+optimiser steps on every rank (data/epoch_order.py), the poly schedule runs over `iterations`
+applied optimiser steps. Resuming after epoch k restores the engine (weights, optimiser, lr
+schedule, applied-step count), every rank's torch/numpy/python (and CUDA) RNG states and the
+counters, and the loaders read epoch k + 1 as they would have (their order and augmentation
+are functions of (seed, epoch, rank)): a resumed step ends with the weights of the
+uninterrupted one, bit for bit on CPU (tested for both engines).
 """
 
 from __future__ import annotations
@@ -14,25 +21,26 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from icd_dist.config import Config, config_to_dict, micro_batch_and_accumulation
 from icd_dist.css.remap import eval_lut, train_lut
 from icd_dist.css.tasks import Task
+from icd_dist.data.epoch_order import micro_batches_per_epoch
 from icd_dist.data.pipeline import StepLoader
 from icd_dist.losses.methods import Method, build_method, inference_state
 from icd_dist.models.deeplab import DeepLabV3, build_model, to_sync_batchnorm
-from icd_dist.train.engine import PRECISION_DTYPES, build_engine
+from icd_dist.train.engine import PRECISION_DTYPES, TrainEngine, build_engine
 from icd_dist.train.metrics import ConfusionMatrix, step_metrics
-from icd_dist.train.progress import ProgressWriter, progress_path
-from icd_dist.train.run_folder import DONE
-from icd_dist.train.storage import Storage
+from icd_dist.train.progress import ProgressWriter
+from icd_dist.train.run_folder import RunFolder
 from icd_dist.train.teacher_share import build_teacher, fetch_teacher_arrays
 from icd_dist.train.tracking import Tracker, overlay_image, wandb_mode
 
@@ -59,32 +67,79 @@ class StepJob:
     @property
     def folder(self) -> str:
         """The step's folder inside the run."""
-        return f"step_{self.step}"
+        return RunFolder.step_dir(self.step)
 
 
-def budget(cfg: Config, step: int, num_images: int) -> tuple[int, int]:
-    """(micro-batches per epoch per worker, number of epochs) of a step. An epoch is the
-    selected images once (the last partial global batch dropped); optim.iterations[_
-    incremental] replace the epoch budget with that many optimiser steps."""
-    micro, accumulation = micro_batch_and_accumulation(cfg)
-    workers = cfg.engine.num_workers
-    per_epoch = max(1, num_images // (workers * micro * accumulation)) * accumulation
-    iterations = cfg.optim.iterations if step == 0 else (
-        cfg.optim.iterations_incremental or cfg.optim.iterations)
-    if iterations:
-        epochs = math.ceil(iterations * accumulation / per_epoch)
-        return per_epoch, epochs
-    epochs = cfg.optim.epochs if step == 0 else (cfg.optim.epochs_incremental or cfg.optim.epochs)
-    return per_epoch, epochs
+@dataclass(frozen=True)
+class StepBudget:
+    """A step's training budget, fixed before it starts (the same on every rank)."""
+
+    micro: int  # samples per micro-batch per worker
+    accumulation: int  # micro-batches per optimiser step
+    batches_per_epoch: int  # micro-batches per worker per epoch (whole optimiser steps)
+    epochs: int
+    iterations: int  # applied optimiser steps of the step (the poly schedule's length)
+
+    @classmethod
+    def of(cls, cfg: Config, step: int, num_images: int) -> StepBudget:
+        """The budget of `step` with `num_images` selected training images: an epoch reads
+        every image at least once (epoch_order); optim.iterations[_incremental], when set,
+        replace the epoch budget with that many optimiser steps (the last epoch cut short)."""
+        micro, accumulation = micro_batch_and_accumulation(cfg)
+        per_epoch = micro_batches_per_epoch(num_images, cfg.engine.num_workers, micro,
+                                            accumulation)
+        o = cfg.optim
+        iterations = o.iterations if step == 0 else (o.iterations_incremental or o.iterations)
+        if iterations:
+            epochs = math.ceil(iterations * accumulation / per_epoch)
+        else:
+            epochs = o.epochs if step == 0 else (o.epochs_incremental or o.epochs)
+            iterations = per_epoch * epochs // accumulation
+        return cls(micro, accumulation, per_epoch, epochs, iterations)
 
 
-def total_iterations(cfg: Config, step: int, num_images: int) -> int:
-    """Optimiser steps of the whole step (for the poly schedule)."""
-    per_epoch, epochs = budget(cfg, step, num_images)
-    _, accumulation = micro_batch_and_accumulation(cfg)
-    iterations = cfg.optim.iterations if step == 0 else (
-        cfg.optim.iterations_incremental or cfg.optim.iterations)
-    return iterations or per_epoch * epochs // accumulation
+@dataclass
+class TrainState:
+    """What a rank counts while training, saved with every epoch checkpoint."""
+
+    global_step: int = 0  # applied optimiser steps
+    micro_batches: int = 0
+    loss_curve: list[float] = field(default_factory=list)  # rank 0: loss per applied step
+    bad: dict[tuple[str, str], str] = field(default_factory=dict)  # (shard, key) -> reason
+    bad_reads: int = 0  # how often training met a bad sample (every epoch meets it again)
+    seconds: float = 0.0  # training time over every attempt
+
+    def to_saved(self) -> dict:
+        """Plain data for torch.save (weights_only loadable)."""
+        return {"global_step": self.global_step, "micro_batches": self.micro_batches,
+                "loss_curve": list(self.loss_curve), "bad_reads": self.bad_reads,
+                "bad": [[s, k, r] for (s, k), r in self.bad.items()], "seconds": self.seconds}
+
+    @classmethod
+    def from_saved(cls, d: dict) -> TrainState:
+        """Inverse of to_saved."""
+        return cls(d["global_step"], d["micro_batches"], list(d["loss_curve"]),
+                   {(s, k): r for s, k, r in d["bad"]}, d["bad_reads"], d["seconds"])
+
+
+def rng_states() -> dict:
+    """This process's torch, CUDA, numpy and python RNG states (weights_only loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what rng_states() returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -140,33 +195,257 @@ def _maybe_inject_failure(job: StepJob, epoch: int, rank: int) -> None:
         os._exit(1)
 
 
-def _data_pass(loader, device: torch.device, micro_batches: int):
-    """A function giving one pass (micro_batches batches) over the step's training data, for a
-    method's preparation; the pass does not reuse any training epoch's augmentation."""
-    def one_pass():
-        loader.set_epoch(10**6)
-        for i, batch in enumerate(loader):
-            if i >= micro_batches:
+class StepTrainer:
+    """One step of a schedule on one worker (see the module docstring)."""
+
+    def __init__(self, job: StepJob):
+        cfg, task, step = job.cfg, job.task, job.step
+        self.job, self.cfg, self.task, self.step = job, cfg, task, step
+        self.rank, self.world = rank_and_world()
+        self.device = _device()
+        self.is_chief = self.rank == 0
+        self.run = RunFolder(job.run_uri)
+        self.budget = StepBudget.of(cfg, step, len(job.train_keys))
+        self.method = build_method(cfg, task, step).to(self.device)
+        self.student = build_student(job, self.device, self.method)
+        self.teacher = self._build_teacher()
+        params = [p for p in (*self.student.parameters(), *self.method.parameters())
+                  if p.requires_grad]
+        lr = cfg.optim.lr if step == 0 else cfg.optim.lr_incremental
+        self.engine: TrainEngine = build_engine(cfg, self.student, params, lr,
+                                                self.budget.iterations,
+                                                self.device.type == "cuda")
+        # Engines consume different amounts of randomness while initialising: reseed so that
+        # dropout is the same whatever the engine (and differs between ranks).
+        torch.manual_seed(cfg.run.seed * 100_003 + step * 1_009 + self.rank)
+        self.train_loader, self.eval_loader = self._build_loaders()
+        self.state = TrainState()
+        self.start_epoch = 0
+        self._seen, self._t0 = 0, time.perf_counter()
+        self.progress = ProgressWriter(self.run.storage, self.run.progress(step)) \
+            if self.is_chief else None
+        self.tracker = Tracker(self.is_chief, wandb_mode(cfg.logging.wandb),
+                               self.run.local_step_dir(step, job.run_name),
+                               cfg.logging.project, cfg.logging.entity,
+                               cfg.logging.group or job.run_name, f"{job.run_name}-step{step}",
+                               {**config_to_dict(cfg), "step": step})
+
+    def _build_teacher(self) -> torch.nn.Module | None:
+        if not self.method.needs_teacher:
+            return None
+        sizes = [len(s) for s in self.task.steps[: self.step]]
+        return build_teacher(inference_state(fetch_teacher_arrays(self.job.teacher)),
+                             self.cfg.model, sizes, self.device,
+                             _teacher_dtype(self.cfg, self.device))
+
+    def _build_loaders(self) -> tuple[StepLoader, StepLoader]:
+        cfg, job, task, step = self.cfg, self.job, self.task, self.step
+        device_id = self.device.index if self.device.type == "cuda" else None
+        common = {"rank": self.rank, "world_size": self.world, "device_id": device_id,
+                  "num_threads": cfg.engine.dali_threads}
+        train = StepLoader(cfg.data, job.train_shards, job.train_keys,
+                           train_lut(task, step, cfg.data.ignore_background), True,
+                           self.budget.micro, seed=cfg.run.seed + step,
+                           batches_per_epoch=self.budget.batches_per_epoch, **common)
+        evaluation = StepLoader(cfg.data, job.eval_shards, job.eval_keys,
+                                eval_lut(task, step, cfg.data.ignore_background,
+                                         cfg.data.eval_unseen), False,
+                                cfg.eval.batch_size, seed=cfg.run.seed, **common)
+        return train, evaluation
+
+    def fit(self) -> None:
+        """The whole step: resume, prepare the method, train every epoch, write results."""
+        import ray.train
+
+        rng = self.restore()
+        self.method.prepare(self.teacher, self._data_pass)
+        if rng is not None:  # after prepare(), whose pass draws from the global RNG
+            set_rng_states(rng)
+        b = self.budget
+        for epoch in range(self.start_epoch, b.epochs):
+            _maybe_inject_failure(self.job, epoch, self.rank)
+            started = time.perf_counter()
+            last = self.train_epoch(epoch)
+            self.state.seconds += time.perf_counter() - started
+            every = self.cfg.eval.every_n_epochs
+            if every and (epoch + 1) % every == 0 and epoch + 1 < b.epochs:
+                cm, _ = self.evaluate()
+                m = step_metrics(cm, self._class_names(), len(self.task.steps[0]))
+                self.tracker.log({f"eval/{k}": v for k, v in m.scalars().items()},
+                                 step=self.state.global_step)
+            self.save(epoch)
+            ray.train.report({"epoch": epoch, "loss": float(last.get("total", 0.0))})
+        self.write_results()
+
+    def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
+        """One epoch (the budget's micro-batches; the last epoch stops at the iteration
+        budget); returns the last micro-batch's loss components."""
+        self.student.train()
+        self.train_loader.set_epoch(epoch)
+        self._seen, self._t0, last = 0, time.perf_counter(), {}
+        for batch in self.train_loader:
+            if self.state.global_step >= self.budget.iterations:
                 break
-            yield batch.images.to(device, non_blocking=True), batch.labels.to(device)
-    return one_pass
+            last = self.train_micro_batch(batch, epoch)
+        if self.progress is not None:
+            # .4g: small terms (e.g. the external ICD loss) do not print as 0.0000
+            loss_text = ", ".join(f"{k} {float(v):.4g}" for k, v in last.items())
+            self.progress.write(f"step {self.step} epoch {epoch + 1}/{self.budget.epochs}: "
+                                f"{loss_text} ({self._images_per_s():.1f} img/s)")
+        return last
+
+    def train_micro_batch(self, batch, epoch: int) -> dict[str, torch.Tensor]:
+        """Forward, backward and (at accumulation boundaries) the optimiser step of one
+        micro-batch; returns its loss components."""
+        st = self.state
+        note_bad_samples(st.bad, batch)
+        st.bad_reads += batch.skipped
+        st.micro_batches += 1
+        self._seen += batch.images.shape[0]
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        teacher_out = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_out = self.teacher(images.to(next(self.teacher.parameters()).dtype))
+        loss, parts = self.method(self.engine.forward(images.to(self.engine.input_dtype)),
+                                  teacher_out, labels)
+        self.engine.backward(loss)
+        if self.engine.step():
+            st.global_step += 1
+            if self.is_chief:
+                st.loss_curve.append(float(parts["total"]))
+                if st.global_step % self.cfg.logging.log_every == 0:
+                    self.tracker.log({**{f"loss/{k}": float(v) for k, v in parts.items()},
+                                      "lr": self.engine.lr(), "epoch": epoch,
+                                      "images_per_s": self._images_per_s()},
+                                     step=st.global_step)
+        return parts
+
+    def _images_per_s(self) -> float:
+        """Training images per second of every rank together, this epoch so far."""
+        return self._seen * self.world / max(1e-9, time.perf_counter() - self._t0)
+
+    def _data_pass(self):
+        """One pass over the step's training data for the method's preparation (its own
+        epoch number, so it reuses no training epoch's augmentation)."""
+        self.train_loader.set_epoch(10**6)
+        for batch in self.train_loader:
+            yield (batch.images.to(self.device, non_blocking=True),
+                   batch.labels.to(self.device))
+
+    def evaluate(self, overlays: int = 0) -> tuple[ConfusionMatrix, list]:
+        """Confusion matrix (all-reduced) of the student on the step's evaluation data."""
+        return evaluate(self.engine.module, self.eval_loader, self.task.num_seen(self.step),
+                        self.device, overlays, bad=self.state.bad)
+
+    def save(self, epoch: int) -> None:
+        """Epoch checkpoint: every rank writes its part of the engine state and its own RNG
+        states and counters; after a barrier rank 0 records the epoch as the latest complete
+        one (written last) and drops the previous one."""
+        def write(folder: Path) -> None:
+            self.engine.save(folder)
+            torch.save({"rng": rng_states(), "state": self.state.to_saved(), "epoch": epoch},
+                       folder / f"rank_{self.rank}.pt")
+        self.run.write_epoch(self.step, epoch, write)
+        if self.world > 1:
+            dist.barrier()
+        if self.is_chief:
+            self.run.commit_epoch(self.step, epoch)
+
+    def restore(self) -> dict | None:
+        """Load the latest complete epoch checkpoint of this step, if any (the engine, this
+        rank's counters); sets start_epoch and returns the RNG states to apply before the
+        next epoch (None when starting afresh)."""
+        epoch = self.run.latest_epoch(self.step)
+        if epoch is None:
+            return None
+        saved: dict = {}
+
+        def read(folder: Path) -> None:
+            mine = folder / f"rank_{self.rank}.pt"
+            if not mine.is_file():
+                raise RuntimeError(f"the checkpoint of epoch {epoch} of step {self.step} has "
+                                   f"no state for rank {self.rank}: resume with the number of "
+                                   "workers that wrote it (engine.num_workers)")
+            self.engine.load(folder)
+            saved.update(torch.load(mine, map_location="cpu", weights_only=True))
+        self.run.read_epoch(self.step, epoch, read)
+        self.state = TrainState.from_saved(saved["state"])
+        self.start_epoch = epoch + 1
+        if self.progress is not None:
+            self.progress.write(f"step {self.step}: resuming after epoch {self.start_epoch}/"
+                                f"{self.budget.epochs} (its checkpoint)")
+        return saved["rng"]
+
+    def write_results(self) -> None:
+        """Final evaluation and the step's results (rank 0 writes model.pt, metrics.json,
+        then DONE)."""
+        cfg, task, step, st = self.cfg, self.task, self.step, self.state
+        cm, overlays = self.evaluate(cfg.logging.num_overlays if self.is_chief else 0)
+        # Checks written into the results: every rank ends with the same weights, the teacher
+        # is the previous step's model, untouched, and every rank ran as many micro-batches.
+        student_digests = _gather_objects(weights_digest(self.engine.module), self.world)
+        micro_batches = _gather_objects(st.micro_batches, self.world)
+        teacher_digest = weights_digest(self.teacher) if self.teacher is not None else None
+        bad_samples = _gather_bad_samples(st.bad, self.world)
+        bad_reads = sum(_gather_objects(st.bad_reads, self.world))
+        if self.is_chief:
+            metrics = step_metrics(cm, self._class_names(), len(task.steps[0]))
+            result = {"step": step, "classes": list(task.classes_at(step)), **metrics.to_dict(),
+                      "train_images": len(self.job.train_keys),
+                      "eval_images": len(self.job.eval_keys), "seconds": st.seconds,
+                      "iterations": st.global_step, "epochs": self.budget.epochs,
+                      "micro_batches_per_rank": micro_batches,
+                      "skipped_bad_samples": len(bad_samples), "bad_samples": bad_samples,
+                      "bad_sample_reads": bad_reads, "engine": cfg.engine.engine,
+                      "precision": getattr(self.engine, "precision", "fp32"),
+                      "weights_dtype": _dtype_name(self.engine.module),
+                      "teacher_dtype": _dtype_name(self.teacher),
+                      "workers": self.world, "student_digests": student_digests,
+                      "teacher_digest": teacher_digest, "loss_curve": st.loss_curve,
+                      "resumed_from_epoch": self.start_epoch}
+            self.tracker.log_step_result(metrics.scalars(), metrics.per_class_iou, overlays,
+                                         step=st.global_step)
+            self.tracker.finish()
+            # the engine's module holds the fp32 master weights (engine.py)
+            state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+                     for k, v in self.engine.module.state_dict().items()}
+            self.run.save_model(step, {
+                "state_dict": state, "classes_per_step": [len(s) for s in task.steps[: step + 1]],
+                "class_order": list(task.seen_classes(step))})
+            self.run.write_metrics(step, result)
+            self.run.mark_done(step)
+        if self.world > 1:
+            dist.barrier()
+
+    def _class_names(self) -> list[str]:
+        return [self.task.class_name(c) for c in self.task.seen_classes(self.step)]
+
+
+def train_step_worker(config: dict) -> None:
+    """Ray Train loop for one step: StepTrainer(job).fit()."""
+    job: StepJob = config["job"]
+    torch.set_num_threads(max(1, int(job.cfg.engine.cpus_per_worker)))
+    StepTrainer(job).fit()
 
 
 def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
              overlays: int = 0, bad: dict | None = None) -> tuple[ConfusionMatrix, list]:
     """Confusion matrix (all-reduced over the workers) of `model` on `loader`, and up to
     `overlays` (image, prediction, ground truth) triples from this rank; the bad samples the
-    loader skipped are added to `bad` if given (see note_bad_samples)."""
+    loader skipped are added to `bad` if given (see note_bad_samples). The model runs in its
+    weights' dtype: fp32 for a student of either engine in fp32 or bf16 (engine.py)."""
     cm = ConfusionMatrix(num_classes, device=device)
     kept: list = []
     model.eval()
+    dtype = next(model.parameters()).dtype
     with torch.no_grad():
         for batch in loader:
             if bad is not None:
                 note_bad_samples(bad, batch)
             if batch.images.numel() == 0:
                 continue
-            dtype = next(model.parameters()).dtype
             images = batch.images.to(device, non_blocking=True)
             labels = batch.labels.to(device)
             logits = model(images.to(dtype)).logits
@@ -180,147 +459,6 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.dev
     return cm, kept
 
 
-def train_step_worker(config: dict) -> None:
-    """Ray Train loop for one step (see the module docstring)."""
-    import ray.train
-
-    job: StepJob = config["job"]
-    cfg, task, step = job.cfg, job.task, job.step
-    rank, world = rank_and_world()
-    device = _device()
-    on_gpu = device.type == "cuda"
-    storage = Storage(job.run_uri)
-    torch.set_num_threads(max(1, int(cfg.engine.cpus_per_worker)))
-
-    micro, accumulation = micro_batch_and_accumulation(cfg)
-    per_epoch, epochs = budget(cfg, step, len(job.train_keys))
-    iterations = total_iterations(cfg, step, len(job.train_keys))
-    lr = cfg.optim.lr if step == 0 else cfg.optim.lr_incremental
-    method = build_method(cfg, task, step).to(device)
-
-    student = build_student(job, device, method)
-    teacher = None
-    if method.needs_teacher:
-        sizes = [len(s) for s in task.steps[:step]]
-        teacher = build_teacher(inference_state(fetch_teacher_arrays(job.teacher)),
-                                cfg.model, sizes, device, _teacher_dtype(cfg, device))
-    params = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
-    engine = build_engine(cfg, student, params, lr, iterations, on_gpu)
-    # Engines consume different amounts of randomness while initialising: reseed so that
-    # dropout is the same whatever the engine (and differs between ranks).
-    torch.manual_seed(cfg.run.seed * 100_003 + step * 1_009 + rank)
-
-    device_id = device.index if on_gpu else None
-    train_loader = StepLoader(cfg.data, job.train_shards, job.train_keys,
-                              train_lut(task, step, cfg.data.ignore_background), True, micro,
-                              rank, world, cfg.run.seed + step, device_id,
-                              index_dir=_index_dir(job, "train"),
-                              num_threads=cfg.engine.dali_threads)
-    eval_loader = StepLoader(cfg.data, job.eval_shards, job.eval_keys,
-                             eval_lut(task, step, cfg.data.ignore_background,
-                                      cfg.data.eval_unseen), False,
-                             cfg.eval.batch_size, rank, world, cfg.run.seed, device_id,
-                             index_dir=_index_dir(job, "eval"),
-                             num_threads=cfg.engine.dali_threads)
-
-    start_epoch = _restore_latest_epoch(engine, storage, job)
-    method.prepare(teacher, _data_pass(train_loader, device, per_epoch))
-
-    is_chief = rank == 0
-    run_folder = Path(storage.path(job.folder)) if storage.local else \
-        Path(tempfile.gettempdir()) / job.run_name / job.folder
-    tracker = Tracker(is_chief, wandb_mode(cfg.logging.wandb), run_folder, cfg.logging.project,
-                      cfg.logging.entity, cfg.logging.group or job.run_name,
-                      f"{job.run_name}-step{step}",
-                      {**config_to_dict(cfg), "step": step})
-    global_step = start_epoch * per_epoch // accumulation
-    bad: dict[tuple[str, str], str] = {}  # distinct skipped samples: (shard, key) -> reason
-    bad_reads = 0  # how often training met one (every epoch meets it again)
-    progress = ProgressWriter(storage, progress_path(step)) if is_chief else None
-    if progress is not None and start_epoch:
-        progress.write(f"step {step}: resuming after epoch {start_epoch}/{epochs} (its "
-                       "checkpoint)")
-    loss_curve: list[float] = []  # rank 0's loss at every optimiser step (this attempt)
-    started = time.perf_counter()
-    for epoch in range(start_epoch, epochs):
-        _maybe_inject_failure(job, epoch, rank)
-        student.train()
-        train_loader.set_epoch(epoch)
-        seen, t0, last = 0, time.perf_counter(), {}
-        for i, batch in enumerate(train_loader):
-            if i >= per_epoch or global_step >= iterations:
-                break
-            note_bad_samples(bad, batch)
-            bad_reads += batch.skipped
-            images = batch.images.to(device, non_blocking=True)
-            labels = batch.labels.to(device, non_blocking=True)
-            teacher_out = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_out = teacher(images.to(next(teacher.parameters()).dtype))
-            loss, parts = method(engine.forward(images.to(engine.input_dtype)), teacher_out,
-                                 labels)
-            engine.backward(loss)
-            stepped = engine.step()
-            global_step += int(stepped)
-            if stepped and is_chief:
-                loss_curve.append(float(parts["total"]))
-            seen += images.shape[0]
-            last = parts
-            if is_chief and stepped and global_step % cfg.logging.log_every == 0:
-                rate = seen * world / max(1e-9, time.perf_counter() - t0)
-                tracker.log({**{f"loss/{k}": float(v) for k, v in parts.items()},
-                             "lr": engine.lr(), "images_per_s": rate, "epoch": epoch},
-                            step=global_step)
-        if progress is not None:
-            # .4g: small terms (e.g. the external ICD loss) do not print as 0.0000
-            loss_text = ", ".join(f"{k} {float(v):.4g}" for k, v in last.items())
-            progress.write(f"step {step} epoch {epoch + 1}/{epochs}: {loss_text} "
-                           f"({seen * world / max(1e-9, time.perf_counter() - t0):.1f} img/s)")
-        _save_epoch(engine, storage, job, epoch)
-        ray.train.report({"epoch": epoch, "loss": float(last.get("total", 0.0))})
-        if cfg.eval.every_n_epochs and (epoch + 1) % cfg.eval.every_n_epochs == 0 \
-                and epoch + 1 < epochs:
-            cm, _ = evaluate(engine.module, eval_loader, task.num_seen(step), device, bad=bad)
-            m = step_metrics(cm, _class_names(task, step), len(task.steps[0]))
-            tracker.log({f"eval/{k}": v for k, v in m.scalars().items()}, step=global_step)
-    seconds = time.perf_counter() - started
-
-    cm, overlays = evaluate(engine.module, eval_loader, task.num_seen(step), device,
-                            cfg.logging.num_overlays if is_chief else 0, bad=bad)
-    # Checks written into the results: every rank ends with the same weights, and the
-    # teacher is the previous step's model, untouched.
-    student_digests = _gather_digests(engine.module, world)
-    teacher_digest = weights_digest(teacher) if teacher is not None else None
-    bad_samples = _gather_bad_samples(bad, world)
-    bad_reads_t = torch.tensor([bad_reads], dtype=torch.int64, device=device)
-    if world > 1:
-        dist.all_reduce(bad_reads_t)
-    if is_chief:
-        names = _class_names(task, step)
-        metrics = step_metrics(cm, names, len(task.steps[0]))
-        result = {"step": step, "classes": list(task.classes_at(step)), **metrics.to_dict(),
-                  "train_images": len(job.train_keys), "eval_images": len(job.eval_keys),
-                  "seconds": seconds, "iterations": global_step,
-                  "skipped_bad_samples": len(bad_samples), "bad_samples": bad_samples,
-                  "bad_sample_reads": int(bad_reads_t.item()),
-                  "engine": cfg.engine.engine, "workers": world,
-                  "student_digests": student_digests, "teacher_digest": teacher_digest,
-                  "loss_curve": loss_curve, "resumed_from_epoch": start_epoch}
-        tracker.log_step_result(metrics.scalars(), metrics.per_class_iou, overlays,
-                                step=global_step)
-        tracker.finish()
-        state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-                 for k, v in engine.module.state_dict().items()}
-        storage.save_torch(f"{job.folder}/model.pt", {
-            "state_dict": state, "classes_per_step": [len(s) for s in task.steps[: step + 1]],
-            "class_order": list(task.seen_classes(step))})
-        storage.write_json(f"{job.folder}/metrics.json", result)
-        storage.write_bytes(f"{job.folder}/{DONE}", b"done\n")
-    if world > 1:
-        dist.barrier()
-
-
 def weights_digest(module: torch.nn.Module) -> str:
     """sha256 of every parameter and buffer of `module` (exact equality across processes)."""
     h = hashlib.sha256()
@@ -330,12 +468,17 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _gather_digests(module: torch.nn.Module, world: int) -> list[str]:
-    digest = weights_digest(module)
+def _dtype_name(module: torch.nn.Module | None) -> str | None:
+    """"float32", "bfloat16", ... of a module's first parameter (None without a module)."""
+    return None if module is None else str(next(module.parameters()).dtype).split(".")[-1]
+
+
+def _gather_objects(value, world: int) -> list:
+    """`value` of every rank, in rank order."""
     if world == 1:
-        return [digest]
+        return [value]
     out: list = [None] * world
-    dist.all_gather_object(out, digest)
+    dist.all_gather_object(out, value)
     return out
 
 
@@ -358,60 +501,3 @@ def _gather_bad_samples(bad: dict[tuple[str, str], str], world: int) -> list[dic
     return [{"shard": shard, "key": key, "reason": merged[(shard, key)]}
             for shard, key in sorted(merged)]
 
-
-def _class_names(task: Task, step: int) -> list[str]:
-    return [task.class_name(c) for c in task.seen_classes(step)]
-
-
-def _index_dir(job: StepJob, split: str) -> str:
-    return str(Path(tempfile.gettempdir()) / "icd_dist_index" / job.run_name / job.folder / split)
-
-
-def _save_epoch(engine, storage: Storage, job: StepJob, epoch: int) -> None:
-    """Every rank writes its part of the engine state into step_t/checkpoints/epoch_e; after
-    a barrier rank 0 records that epoch as the latest complete one (written last) and drops
-    the older checkpoint. A worker group restarted after a failure, or a re-run of the same
-    run name, resumes from the epoch after it."""
-    rank, world = rank_and_world()
-    rel = f"{job.folder}/checkpoints/epoch_{epoch}"
-    if storage.local:
-        Path(storage.path(rel)).mkdir(parents=True, exist_ok=True)
-        engine.save(storage.path(rel))
-    else:
-        with tempfile.TemporaryDirectory() as folder:
-            engine.save(folder)
-            for path in Path(folder).rglob("*"):
-                if path.is_file():
-                    storage.write_bytes(f"{rel}/{path.relative_to(folder)}", path.read_bytes())
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        storage.write_json(f"{job.folder}/checkpoints/latest.json", {"epoch": epoch})
-        previous = f"{job.folder}/checkpoints/epoch_{epoch - 1}"
-        if epoch > 0 and storage.exists(previous):
-            storage.fs.delete_dir(storage.path(previous))
-
-
-def _restore_latest_epoch(engine, storage: Storage, job: StepJob) -> int:
-    """Load the latest complete epoch checkpoint of this step, if any; returns the epoch to
-    start from."""
-    latest = f"{job.folder}/checkpoints/latest.json"
-    if not storage.exists(latest):
-        return 0
-    epoch = int(storage.read_json(latest)["epoch"])
-    rel = f"{job.folder}/checkpoints/epoch_{epoch}"
-    if storage.local:
-        engine.load(storage.path(rel))
-    else:
-        import pyarrow.fs as pafs
-
-        with tempfile.TemporaryDirectory() as folder:
-            selector = pafs.FileSelector(storage.path(rel), recursive=True)
-            for info in storage.fs.get_file_info(selector):
-                if info.type == pafs.FileType.File:
-                    sub = info.path[len(storage.path(rel)) + 1:]
-                    target = Path(folder) / sub
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(storage.read_bytes(f"{rel}/{sub}"))
-            engine.load(folder)
-    return epoch + 1

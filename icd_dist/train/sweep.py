@@ -27,10 +27,11 @@ from pathlib import Path
 from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from icd_dist.config import Config, ConfigError, config_to_dict, dump_config, override, replace
+from icd_dist.config import Config, ConfigError, config_to_dict, dump_config, update
 from icd_dist.css.tasks import task_from_config
 from icd_dist.data.inspect import manifest_spec, selected_keys
 from icd_dist.data.manifest import load_manifest
+from icd_dist.train.run_folder import RunFolder
 from icd_dist.train.schedule import Log, init_ray, prepare_shards, run_schedule, use_gpu
 from icd_dist.train.step0_cache import Step0Cache, step0_identity, step0_key
 from icd_dist.train.storage import Storage
@@ -57,7 +58,7 @@ def with_params(cfg: Config, params: Mapping[str, object]) -> Config:
     if unknown:
         raise ValueError(f"unknown search parameter {unknown[0]!r}; "
                          f"allowed: {', '.join(PARAM_KEYS)}")
-    return replace(cfg, [override(PARAM_KEYS[k], v) for k, v in params.items()])
+    return update(cfg, {PARAM_KEYS[k]: v for k, v in params.items()})
 
 
 def search_space(cfg: Config) -> dict:
@@ -156,10 +157,9 @@ def sweep_trial(config: dict, base: dict, sweep_root: str, cache_root: str,
     schedule = config["schedule"]
     params = {k: v for k, v in config.items() if k != "schedule"}
     trials = Storage(sweep_root).child("trials")
-    cfg = with_params(replace(config_from_dict(base), [
-        override("task.name", schedule), override("run.name", trial_id),
-        override("run.storage_path", trials.uri()),
-        override("logging.group", Path(sweep_root).name)]), params)
+    cfg = with_params(update(config_from_dict(base), {
+        "task.name": schedule, "run.name": trial_id, "run.storage_path": trials.uri(),
+        "logging.group": Path(sweep_root).name}), params)
     run = trials.child(trial_id)
     run.makedirs()
     attempts = list(run.read_json("attempts.json")) if run.exists("attempts.json") else []
@@ -289,15 +289,15 @@ def run_sweep(cfg: Config, log: Log | None = None,
     storage = Storage(cfg.run.storage_path).child(name)
     storage.makedirs()
     train_dir, eval_dir = prepare_shards(cfg, log)
-    cfg = replace(cfg, [override("data.train_shards", train_dir),
-                        override("data.eval_shards", eval_dir), override("run.name", name)])
+    cfg = update(cfg, {"data.train_shards": train_dir, "data.eval_shards": eval_dir,
+                       "run.name": name})
     storage.write_bytes("config.yaml", dump_config(cfg).encode())
     manifest = load_manifest(train_dir)
     spec = manifest_spec(manifest)
     schedules = list(cfg.tune.schedules) or [cfg.task.name]
     keys, last_steps, identities = {}, {}, {}
     for schedule in schedules:
-        sched_cfg = replace(cfg, [override("task.name", schedule)])
+        sched_cfg = update(cfg, {"task.name": schedule})
         task = task_from_config(sched_cfg, spec)
         if task.num_steps < 2:
             raise ConfigError("tune.schedules", f"{schedule!r} has one step: nothing to distil")
@@ -348,11 +348,11 @@ def _trial_rows(storage: Storage, grid, last_steps: Mapping[str, int], metric: s
         trial_id = metrics.get("trial_id") or (found.group(0) if found else Path(result.path).name)
         config = dict(result.config or {})
         schedule = config.pop("schedule", None)
-        run = storage.child("trials").child(trial_id)
+        run = RunFolder(storage.child("trials").child(trial_id))
         steps = []
         for step in range(last_steps.get(schedule, -1) + 1):
-            if run.exists(f"step_{step}/metrics.json"):
-                m = run.read_json(f"step_{step}/metrics.json")
+            if run.has_metrics(step):
+                m = run.read_metrics(step)
                 steps.append({k: m.get(k) for k in ("step", "miou_old", "miou_new", "miou_all",
                                                     "hiou", "seconds")})
         reached = steps[-1]["step"] if steps else -1
@@ -435,8 +435,7 @@ def summarize(cfg: Config, name: str, storage: Storage, grid, schedules: Sequenc
 
 def _write_best(cfg: Config, storage: Storage, filename: str, schedule: str,
                 params: Mapping, run_name: str) -> str:
-    best = with_params(replace(cfg, [override("task.name", schedule),
-                                     override("run.name", run_name)]), params)
+    best = with_params(update(cfg, {"task.name": schedule, "run.name": run_name}), params)
     storage.write_bytes(filename, dump_config(best).encode())
     return storage.uri(filename)
 

@@ -72,21 +72,35 @@ def test_deepspeed_and_ddp_same_loss_curve(local_ray, tmp_path):
     assert curves["deepspeed"] == pytest.approx(curves["ddp"], rel=1e-4, abs=1e-5)
 
 
-def test_killed_worker_is_replaced_and_step_resumes(tmp_path):
+@pytest.mark.parametrize("engine", ["deepspeed", "ddp"])
+def test_killed_worker_is_replaced_and_step_resumes_bit_identical(tmp_path, engine):
+    """A worker killed after epoch 0's checkpoint: the group restarts, resumes after epoch 0
+    and ends with the weights of the uninterrupted step, bit for bit (the RNG states, the
+    optimiser and schedule, and the loaders' epochs restored)."""
     import ray
 
-    os.environ[FAILURE_ENV] = "0:1:1"  # step 0, epoch 1, rank 1 exits abruptly once
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        cfg = tiny_config(tmp_path, "run.name=recover", "engine.max_failures=1",
-                          "optim.epochs=3", "task.name=offline", "method.name=joint")
-        summary = run_schedule(cfg, log=lambda m: None)
-    finally:
-        ray.shutdown()
-        os.environ.pop(FAILURE_ENV, None)
+    common = ["engine.max_failures=1", "optim.epochs=3", "task.name=offline",
+              "method.name=joint", f"engine.engine={engine}"]
+    steps = {}
+    for name, failure in (("straight", None), ("recover", "0:1:1")):
+        if failure:  # step 0, epoch 1, rank 1 exits abruptly once
+            os.environ[FAILURE_ENV] = failure
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            cfg = tiny_config(tmp_path, f"run.name={name}", *common)
+            steps[name] = run_schedule(cfg, log=lambda m: None)["steps"][0]
+        finally:
+            ray.shutdown()
+            os.environ.pop(FAILURE_ENV, None)
     run = tmp_path / "runs" / "recover"
     assert (run / "failures" / "failed_0_1_1").is_file()  # the failure did happen
-    step = summary["steps"][0]
+    step = steps["recover"]
     assert step["resumed_from_epoch"] == 1  # restarted from the epoch-0 checkpoint
     assert step["student_digests"][0] == step["student_digests"][1]
     assert (run / "step_0" / "DONE").is_file()
+    straight = steps["straight"]
+    assert straight["resumed_from_epoch"] == 0
+    assert step["iterations"] == straight["iterations"]
+    assert step["loss_curve"] == straight["loss_curve"]  # every optimiser step, both attempts
+    assert step["student_digests"] == straight["student_digests"]  # bit-identical weights
+    assert model_digest(run, 0, cfg) == model_digest(tmp_path / "runs" / "straight", 0, cfg)

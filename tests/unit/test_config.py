@@ -200,3 +200,26 @@ def test_config_error_survives_pickling():
     err = ConfigError("optim.lr", "must be positive", "override 'optim.lr=-1'")
     back = pickle.loads(pickle.dumps(err))
     assert (back.key, back.detail, str(back)) == (err.key, err.detail, str(err))
+
+
+def test_typed_update_sets_values_without_parsing_text():
+    from icd_dist.config import update
+
+    cfg = load_config(None, [])
+    new = update(cfg, {"run.name": "93760_00000", "loss.icd.stats": ("std", "max"),
+                       "engine.num_workers": 4, "optim.lr": 1})
+    assert new.run.name == "93760_00000"  # a string stays a string (text would read a number)
+    assert new.loss.icd.stats == ("std", "max") and new.engine.num_workers == 4
+    assert new.optim.lr == 1.0 and isinstance(new.optim.lr, float)
+    assert cfg.run.name != "93760_00000"  # the original is unchanged (frozen)
+    for changes, message in [({"run.nme": "x"}, "run.nme: unknown key.*did you mean 'run.name'"),
+                             ({"engine.num_workers": "2"}, "engine.num_workers: expected an "
+                              "integer"),
+                             ({"engine.num_workers": 0}, "engine.num_workers: must be a "
+                              "positive integer"),
+                             ({"engine.precision": "bf32"}, "engine.precision: expected one of"),
+                             ({"run": {"name": "x"}}, "run: is a section"),
+                             ({"optim.batch_size": 25}, "optim.batch_size: 25 is not a "
+                              "multiple")]:
+        with pytest.raises(ConfigError, match=message):
+            update(cfg, changes)

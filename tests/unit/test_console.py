@@ -14,14 +14,14 @@ import torch
 from icd_dist.config import load_config
 from icd_dist.data.errors import BadSampleError
 from icd_dist.train.console import RunLog, StepFailedError, step_failure
-from icd_dist.train.progress import ProgressFollower, ProgressWriter, progress_path
+from icd_dist.train.progress import ProgressFollower, ProgressWriter
 from icd_dist.train.ray_session import job_env
 from icd_dist.train.report import (
     format_bad_samples,
     format_class_table,
     format_summary_table,
 )
-from icd_dist.train.run_folder import folder_bytes, format_bytes, prune_checkpoints
+from icd_dist.train.run_folder import RunFolder, folder_bytes, format_bytes
 from icd_dist.train.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,20 +29,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_progress_lines_printed_once_in_order_after_the_existing_ones(tmp_path):
     storage = Storage(str(tmp_path / "run"))
-    writer = ProgressWriter(storage, progress_path(0))
+    writer = ProgressWriter(storage, RunFolder(storage).progress(0))
     writer.write("from an earlier attempt")
     printed = []
     # an hour between polls: only the explicit poll and the final one print
-    with ProgressFollower(storage, progress_path(0), printed.append, interval_s=3600) as f:
+    with ProgressFollower(storage, RunFolder(storage).progress(0), printed.append,
+                          interval_s=3600) as f:
         writer.write("epoch 1")
         f.poll()
         f.poll()
         writer.write("epoch 2\nwith a newline")
-        with open(storage.path(progress_path(0)), "a") as half:
+        with open(storage.path(RunFolder(storage).progress(0)), "a") as half:
             half.write("a line still being written")
         f.poll()
         assert printed == ["epoch 1", "epoch 2 with a newline"]
-        with open(storage.path(progress_path(0)), "a") as half:
+        with open(storage.path(RunFolder(storage).progress(0)), "a") as half:
             half.write(", now complete\n")
     assert printed == ["epoch 1", "epoch 2 with a newline",
                        "a line still being written, now complete"]
@@ -158,12 +159,12 @@ def test_checkpoints_pruned_once_a_step_is_done(tmp_path):
     make_step(storage, 0, done=True)
     make_step(storage, 1, done=False)
     assert folder_bytes(storage) == 2 * (4000 + 1000 + len('{\n  "epoch": 3\n}')) + 5
-    assert prune_checkpoints(storage, 0)
+    assert RunFolder(storage).prune_checkpoints(0)
     assert not (tmp_path / "run" / "step_0" / "checkpoints").exists()
     assert (tmp_path / "run" / "step_0" / "model.pt").is_file()
-    assert not prune_checkpoints(storage, 1)  # unfinished: a re-run resumes from it
+    assert not RunFolder(storage).prune_checkpoints(1)  # unfinished: a re-run resumes from it
     assert (tmp_path / "run" / "step_1" / "checkpoints" / "epoch_3").is_dir()
-    assert not prune_checkpoints(storage, 0)  # nothing left to delete
+    assert not RunFolder(storage).prune_checkpoints(0)  # nothing left to delete
     assert load_config(None).run.keep_checkpoints is False
     assert load_config(None, ["run.keep_checkpoints=true"]).run.keep_checkpoints is True
 

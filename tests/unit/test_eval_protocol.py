@@ -143,7 +143,6 @@ def test_schedule_gives_each_step_its_filtered_eval_keys(tmp_path, monkeypatch):
     import ray
 
     from icd_dist.train import schedule
-    from icd_dist.train.step_worker import DONE
 
     names = ["background", "class_1", "class_2", "class_3"]
     train = [[0, 1], [0, 1, 2], [0, 2], [0, 3], [3, 255]]
@@ -157,16 +156,15 @@ def test_schedule_gives_each_step_its_filtered_eval_keys(tmp_path, monkeypatch):
 
     jobs = []
 
-    def fake_fit_step(job, storage, gpu):
+    def fake_fit_step(job, run, gpu):
         jobs.append(job)
-        folder = f"step_{job.step}"
-        storage.save_torch(f"{folder}/model.pt", {"state_dict": {}})
-        storage.write_json(f"{folder}/metrics.json", {
+        run.save_model(job.step, {"state_dict": {}})
+        run.write_metrics(job.step, {
             "step": job.step, "classes": list(job.task.classes_at(job.step)),
             "train_images": len(job.train_keys), "eval_images": len(job.eval_keys),
             "miou_old": None, "miou_new": None, "miou_all": None, "hiou": None,
             "seconds": 0.0, "per_class_iou": {"background": None}})
-        storage.write_bytes(f"{folder}/{DONE}", b"")
+        run.mark_done(job.step)
 
     def no_ray(*args, **kwargs):
         pytest.fail("Ray must not start in this test")

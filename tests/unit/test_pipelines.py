@@ -12,7 +12,7 @@ from icd_dist.css import get_dataset, get_task, train_lut
 from icd_dist.css.classes import generic_spec
 from icd_dist.data.dali_pipeline import DaliLoader, DaliOptions
 from icd_dist.data.inspect import selected_keys
-from icd_dist.data.manifest import load_manifest, write_step_index
+from icd_dist.data.manifest import load_manifest
 from icd_dist.data.pipeline import StepLoader, resolve_pipeline
 from icd_dist.data.readers import RawSample, list_samples
 from icd_dist.data.shard_writer import build_shards
@@ -55,10 +55,12 @@ def aligned_shards(tmp_path):
     return out
 
 
-def dali_batches(shard_dir, keys, options, lut=None, rank=0, world=1, index="idx"):
-    manifest = load_manifest(shard_dir)
-    tars, idx = write_step_index(manifest, shard_dir, keys, shard_dir / index)
-    return list(DaliLoader(tars, idx, options, lut, rank, world))
+def dali_batches(shard_dir, keys, options, lut=None, rank=0, world=1, epoch=0):
+    wanted = set(keys)
+    records = [r for r in load_manifest(shard_dir).samples if r.key in wanted]
+    loader = DaliLoader(str(shard_dir), records, options, lut, rank, world)
+    loader.set_epoch(epoch)
+    return list(loader)
 
 
 def torch_batches(shard_dir, keys, augment, lut=None, epoch=0, rank=0, world=1, seed=0):
@@ -109,8 +111,11 @@ def _check_aligned(images, labels, source_ids):
         predicted = torch.round(red / CLASS_RED)
         agree = (predicted[interior] == lab[interior].float()).float().mean().item()
         assert agree > 0.98, agree
-        padded = lab == 255
-        if padded.any():  # padding: black image under ignored mask
+        # padding: black image under ignored mask (away from its edge, where the linear
+        # resize of the image blends in the neighbouring image pixels)
+        pad = (lab == 255).float()[None, None]
+        padded = -torch.nn.functional.max_pool2d(-pad, 3, 1, 1)[0, 0] > 0
+        if padded.any():
             assert red[padded].abs().max().item() < 20
 
 
@@ -129,8 +134,8 @@ def test_augmentation_on_keeps_image_and_mask_aligned(aligned_shards, pipeline, 
             labels = torch.cat([b.labels for b in batches])
         else:
             batches = dali_batches(aligned_shards, keys, DaliOptions(
-                batch_size=3, train=True, crop_size=64, seed=seed + 1, shuffle_buffer=4,
-                crop_mode=crop_mode), index=f"idx{seed}")
+                batch_size=3, train=True, crop_size=64, seed=seed + 1,
+                crop_mode=crop_mode))
             images = torch.cat([b[0] for b in batches])
             labels = torch.cat([b[1] for b in batches])
         assert images.shape == (6, 3, 64, 64)
@@ -149,8 +154,7 @@ def test_default_train_crop_never_pads(aligned_shards):
         t = torch_batches(aligned_shards, keys, AugmentConfig(train=True, crop_size=48),
                           seed=seed)
         d = dali_batches(aligned_shards, keys, DaliOptions(batch_size=6, train=True,
-                                                           crop_size=48, seed=seed + 1),
-                         index=f"idx_default{seed}")
+                                                           crop_size=48, seed=seed + 1))
         labels = torch.cat([b.labels for b in t] + [b[1] for b in d])
         assert labels.shape == (12, 48, 48)
         assert labels.max().item() < 255
@@ -215,7 +219,7 @@ def test_step_loader_passes_the_crop_mode(aligned_shards):
             labels = []
             for seed in range(3):
                 loader = StepLoader(data, aligned_shards, keys, None, train=True, batch_size=3,
-                                    seed=seed, index_dir=aligned_shards / f"i_{kind}{mode}{seed}")
+                                    seed=seed)
                 labels += [b.labels for b in loader]
             found[mode] = bool((torch.cat(labels) == 255).any())
         assert found == {"inside": False, "padded": True}
@@ -236,7 +240,7 @@ def test_torch_pipeline_epochs_ranks_and_determinism(aligned_shards):
     seen = []
     for rank in (0, 1):
         sampler = make_loader(ds, 2, rank, 2, num_workers=0, shuffle=True).sampler
-        seen.append(list(sampler))
+        seen.append([index for index, _ in sampler])
     assert sorted(seen[0] + seen[1]) == list(range(6))
     # evaluation split: every sample exactly once, no padding
     ev = [list(make_loader(ds, 2, r, 4, num_workers=0).sampler) for r in range(4)]
@@ -249,7 +253,7 @@ def test_dali_shards_by_rank(aligned_shards):
     for rank in (0, 1):
         batches = dali_batches(aligned_shards, keys, DaliOptions(batch_size=2, train=False,
                                                                  eval_size=None),
-                               rank=rank, world=2, index=f"r{rank}")
+                               rank=rank, world=2)
         counts.append(sum(b[0].shape[0] for b in batches))
     assert sum(counts) == 6 and counts[0] == counts[1]
 
@@ -278,7 +282,7 @@ def test_step_loader_and_pipeline_choice(voc_shards):
         data = load_config(None, ["data.crop_size=32", f"data.pipeline={kind}",
                                   "data.loader_workers=0"]).data
         loader = StepLoader(data, voc_shards, keys, train_lut(task, 0), train=True,
-                            batch_size=2, index_dir=voc_shards / f"idx_{kind}")
+                            batch_size=2)
         assert loader.kind == kind
         batches = list(loader)
         assert sum(b.images.shape[0] for b in batches) == len(keys)

@@ -8,7 +8,7 @@ from icd_dist.config import ConfigError, load_config, micro_batch_and_accumulati
 from icd_dist.models import DeepLabV3
 from icd_dist.train.engine import DDPTrainEngine, poly_lambda
 from icd_dist.train.schedule import format_summary_table, write_plots
-from icd_dist.train.step_worker import budget, total_iterations, weights_digest
+from icd_dist.train.step_worker import StepBudget, weights_digest
 from icd_dist.train.storage import Storage
 from icd_dist.train.teacher_share import build_teacher, shares_memory_with, state_to_numpy
 
@@ -38,13 +38,14 @@ def test_indivisible_batch_is_a_config_error():
 def test_budget_epochs_and_iterations():
     cfg = load_config(None, ["optim.batch_size=8", "engine.num_workers=2", "optim.epochs=3",
                              "optim.epochs_incremental=5"])
-    assert budget(cfg, 0, 100) == (12, 3)  # 100 images // 8 per global batch
-    assert budget(cfg, 1, 100) == (12, 5)
-    assert total_iterations(cfg, 0, 100) == 36
+    # 100 images, 8 per global batch: 13 optimiser steps per epoch (the last one padded)
+    assert StepBudget.of(cfg, 0, 100) == StepBudget(4, 1, 13, 3, 39)
+    assert StepBudget.of(cfg, 1, 100) == StepBudget(4, 1, 13, 5, 65)
+    assert StepBudget.of(cfg, 0, 96) == StepBudget(4, 1, 12, 3, 36)  # no padding needed
     cfg = load_config(None, ["optim.batch_size=8", "engine.num_workers=2",
                              "engine.micro_batch_size=2", "optim.iterations=10"])
-    per_epoch, epochs = budget(cfg, 0, 50)  # 6 optimiser steps of 2 micro-batches per epoch
-    assert per_epoch == 12 and epochs == 2 and total_iterations(cfg, 0, 50) == 10
+    # 50 images: 7 optimiser steps of 2 micro-batches per epoch, 10 steps in 2 epochs
+    assert StepBudget.of(cfg, 0, 50) == StepBudget(2, 2, 14, 2, 10)
 
 
 def test_ddp_engine_single_process_accumulates():
@@ -110,8 +111,9 @@ def test_summary_table_and_plots(tmp_path):
 
 
 def test_step0_source_is_shared_across_methods_but_not_across_models(tmp_path):
-    from icd_dist.config import dump_config, replace
+    from icd_dist.config import dump_config, update
     from icd_dist.css import get_task
+    from icd_dist.train.run_folder import RunFolder
     from icd_dist.train.schedule import check_step0_source
 
     task = get_task("camvid", "6-5")
@@ -124,7 +126,7 @@ def test_step0_source_is_shared_across_methods_but_not_across_models(tmp_path):
     # PLOP taps pre-activations and ft initialises its head randomly: same step-0 model
     for path in ("configs/camvid/6-5_plop.yaml", "configs/camvid/6-5_mib.yaml",
                  "configs/camvid/6-5_icd.yaml"):
-        check_step0_source(load_config(path), task, source)
+        check_step0_source(load_config(path), task, RunFolder(source))
     assert load_config("configs/camvid/6-5_plop.yaml").model.taps == "pre_activation"
     with pytest.raises(ConfigError, match="model"):
-        check_step0_source(replace(ft, ["model.head_channels=64"]), task, source)
+        check_step0_source(update(ft, {"model.head_channels": 64}), task, RunFolder(source))
