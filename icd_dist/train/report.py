@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from icd_dist.css.classes import format_class_ids
+from icd_dist.train.run_folder import METRICS, RunFolder
 
 MAX_NAMED_BAD_SAMPLES = 20  # more are counted on the console and listed in metrics.json
 
@@ -65,7 +66,7 @@ def format_bad_samples(s: dict) -> list[str]:
         lines.append(f"  shard {b['shard']}, sample {b['key']!r}: {b['reason']}")
     if len(bad) > MAX_NAMED_BAD_SAMPLES:
         lines.append(f"  ... and {len(bad) - MAX_NAMED_BAD_SAMPLES} more, listed in "
-                     f"step_{s['step']}/metrics.json")
+                     f"{RunFolder.step_dir(s['step'])}/{METRICS}")
     return lines
 
 

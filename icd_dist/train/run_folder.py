@@ -24,6 +24,8 @@ from icd_dist.train.storage import Storage
 DONE = "DONE"  # a finished step's marker, written last (by the step loop)
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
+MODEL = "model.pt"
+METRICS = "metrics.json"
 
 
 def checkpoints_dir(step: int) -> str:
@@ -97,23 +99,23 @@ class RunFolder:
 
     def save_model(self, step: int, payload: dict) -> None:
         """model.pt of `step`: {"state_dict" (fp32), "classes_per_step", "class_order"}."""
-        self.storage.save_torch(f"step_{step}/model.pt", payload)
+        self.storage.save_torch(f"step_{step}/{MODEL}", payload)
 
     def load_model(self, step: int) -> dict:
         """What save_model wrote (loaded with weights_only=True)."""
-        return self.storage.load_torch(f"step_{step}/model.pt")
+        return self.storage.load_torch(f"step_{step}/{MODEL}")
 
     def has_metrics(self, step: int) -> bool:
         """Whether metrics.json of `step` is there."""
-        return self.storage.exists(f"step_{step}/metrics.json")
+        return self.storage.exists(f"step_{step}/{METRICS}")
 
     def write_metrics(self, step: int, metrics: dict) -> None:
         """metrics.json of `step`."""
-        self.storage.write_json(f"step_{step}/metrics.json", metrics)
+        self.storage.write_json(f"step_{step}/{METRICS}", metrics)
 
     def read_metrics(self, step: int) -> dict:
         """metrics.json of `step`."""
-        return self.storage.read_json(f"step_{step}/metrics.json")
+        return self.storage.read_json(f"step_{step}/{METRICS}")
 
     def progress(self, step: int) -> str:
         """The progress file of `step`, relative to the run folder."""
@@ -131,7 +133,7 @@ class RunFolder:
         if not source.is_done(step):
             raise FileNotFoundError(f"{source.uri(self.step_dir(step))} is not a finished "
                                     f"step (no {DONE})")
-        for name in ("model.pt", "metrics.json", DONE):
+        for name in (MODEL, METRICS, DONE):
             rel = f"step_{step}/{name}"
             self.storage.write_bytes(rel, source.storage.read_bytes(rel))
 

@@ -1,6 +1,6 @@
 """Run storage: a local folder or any URI pyarrow understands (s3://, gs://, ...).
 
-Paths inside a run are relative ("step_1/model.pt"). Writes go to a temporary name and are
+Paths inside a run are relative ("trials/params.json"). Writes go to a temporary name and are
 then moved into place where the filesystem can (local); object stores make a put atomic.
 """
 
