@@ -141,13 +141,17 @@ class ModelConfig:
     # own choice (ft and joint: the layer's random init, as standard fine-tuning; mib, plop
     # and icd: MiB's).
     mib_init: bool | None = None
+    # The classifier on the head: standard (softmax logits, one 1x1 conv per step) or dkd
+    # (DKD's sigmoid classifiers with an auxiliary one and reasoning maps); method dkd needs
+    # dkd, every other method standard (configs/_base/methods/dkd.yaml sets it).
+    classifier: Literal["standard", "dkd"] = "standard"
 
 
 @dataclass(frozen=True)
 class MethodConfig:
     """Which continual-learning method trains the incremental steps."""
 
-    name: Literal["ft", "joint", "mib", "plop", "icd"] = "icd"
+    name: Literal["ft", "joint", "mib", "plop", "icd", "dkd"] = "icd"
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,29 @@ class PODLossConfig:
 
 
 @dataclass(frozen=True)
+class DKDLossConfig:
+    """DKD (cvlab-yonsei/DKD trainer/trainer_voc.py, configs/config_voc.json, scripts/): the
+    weights of its terms, pos_weight of the mBCE, and its recipe's optimiser and norm-layer
+    settings (VOC values; the ADE20K configs set pos_weight 35). Step 0 trains mbce and ac."""
+
+    mbce: float = 1.0
+    kd: float = 5.0
+    dkd_pos: float = 5.0
+    dkd_neg: float = 5.0
+    ac: float = 1.0
+    # pos_weight of the mBCE at step 0 (VOC scripts: INIT_POSWEIGHT=2) and at later steps
+    # (config_voc.json: 1; config_ade.json: 35 at every step).
+    pos_weight_step0: float = 2.0
+    pos_weight: float = 1.0
+    # Learning-rate factor of the head (ASPP) and the classifiers over the backbone's
+    # (train_voc.py: lr * 10).
+    head_lr_factor: float = 10.0
+    # Steps t > 0: normalisation layers frozen (statistics and affine weights) and dropout
+    # off (--freeze_bn in every incremental step of its scripts).
+    freeze_bn: bool = True
+
+
+@dataclass(frozen=True)
 class LossConfig:
     """Segmentation and distillation losses of the incremental steps (step 0 is plain CE)."""
 
@@ -204,6 +231,7 @@ class LossConfig:
     kd_alpha: float = 1.0
     icd: ICDLossConfig = field(default_factory=ICDLossConfig)
     pod: PODLossConfig = field(default_factory=PODLossConfig)
+    dkd: DKDLossConfig = field(default_factory=DKDLossConfig)
 
 
 @dataclass(frozen=True)
@@ -283,6 +311,11 @@ class TuneSpaceConfig:
     tau: tuple[float, ...] | None = None
     stats: tuple[tuple[
         Literal["mean", "std", "max", "spatial_mean", "spatial_std"], ...], ...] | None = None
+    # DKD's weights at steps t > 0 (loss.dkd.kd, dkd_pos, dkd_neg); a DKD sweep nulls the
+    # ICD dimensions above.
+    dkd_kd: tuple[float, float] | None = None
+    dkd_pos: tuple[float, float] | None = None
+    dkd_neg: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -369,6 +402,14 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
                         "a non-empty list of positive integers"),
     "loss.pod.entropy_floor": (_non_negative, "a number >= 0"),
     "loss.pod.bins": (_positive, "a positive integer"),
+    "loss.dkd.mbce": (_non_negative, "a number >= 0"),
+    "loss.dkd.kd": (_non_negative, "a number >= 0"),
+    "loss.dkd.dkd_pos": (_non_negative, "a number >= 0"),
+    "loss.dkd.dkd_neg": (_non_negative, "a number >= 0"),
+    "loss.dkd.ac": (_non_negative, "a number >= 0"),
+    "loss.dkd.pos_weight_step0": (_positive, "a positive number"),
+    "loss.dkd.pos_weight": (_positive, "a positive number"),
+    "loss.dkd.head_lr_factor": (_positive, "a positive number"),
     "optim.lr": (_positive, "a positive number"),
     "optim.lr_incremental": (_positive, "a positive number"),
     "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -394,6 +435,9 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "tune.space.lambda_int": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
     "tune.space.lambda_ext": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
     "tune.space.lambda_kd": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
+    "tune.space.dkd_kd": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
+    "tune.space.dkd_pos": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
+    "tune.space.dkd_neg": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
     "tune.space.tau": (lambda v: v is None or (len(v) > 0 and all(t > 0 for t in v)),
                        "null or a non-empty list of positive numbers"),
     "tune.space.stats": (lambda v: v is None or (len(v) > 0 and all(len(s) > 0 for s in v)),

@@ -1,4 +1,5 @@
-"""The continual-learning methods, one class each in a registry (ft, joint, mib, plop, icd).
+"""The continual-learning methods, one class each in a registry (ft, joint, mib, plop, icd,
+dkd).
 
 A method owns its config section and its per-step state, so the training loop and
 `evaluate` do not know any method's internals:
@@ -7,10 +8,16 @@ A method owns its config section and its per-step state, so the training loop an
   for the others unless model.mib_init says otherwise); ICD's learned MSCA lives here;
 - `prepare(teacher, data_pass)`: per-step state computed before training (PLOP's entropy
   thresholds, from one pass of the teacher over the step's training data);
-- `forward(student, teacher, labels)`: the step's total loss and its detached components.
+- `forward(student, teacher, labels)`: the step's total loss and its detached components;
+- `set_train_mode(model)`: after model.train() every epoch, the method's module modes (DKD:
+  frozen BatchNorm statistics and no dropout at t > 0);
+- `param_groups(model, params, lr)`: the optimiser's parameter groups (DKD: the head and
+  classifiers at ten times the backbone's lr);
+- `step0_identity(cfg)`: the method's settings that shape its step-0 model, for the shared
+  step 0's key ({} for the CE-trained step 0 of every method but DKD).
 
-At step 0 every method trains with plain cross-entropy (there is no teacher), so step 0 does
-not depend on any distillation setting. At step t > 0:
+At step 0 every method but DKD trains with plain cross-entropy (there is no teacher), so
+step 0 does not depend on any distillation setting. At step t > 0:
 
 - ft:    CE
 - joint: CE, every class in one (offline) step
@@ -19,6 +26,8 @@ not depend on any distillation setting. At step t > 0:
          + s_t * (lambda_pod * sum_l POD_l + lambda_pod_logits * POD_logits) / (L + 1)
 - icd:   unbiased CE + lambda_kd * unbiased KD
          + s_t * (lambda_int * L_int + lambda_ext * L_ext)   (s_t off: adaptive_factor=false)
+- dkd:   mbce * L_mBCE + kd * L_KD + dkd_pos * L_pos + dkd_neg * L_neg + ac * L_AC on DKD's
+         sigmoid classifier (losses/dkd.py); its step 0 trains mbce * L_mBCE + ac * L_AC
 
 `loss.seg` swaps the segmentation term; s_t = sqrt(|C_0:t| / |C_t|). Every segmentation
 loss is averaged over all pixels of the batch, ignored ones counting 0 (MiB's and PLOP's
@@ -39,7 +48,7 @@ from torch import nn
 
 from icd_dist.config import Config, ConfigError
 from icd_dist.css.tasks import Task
-from icd_dist.losses import css
+from icd_dist.losses import css, dkd
 from icd_dist.losses.icd import MSCA
 from icd_dist.losses.icd_loss import ICDLoss
 from icd_dist.models.deeplab import DeepLabV3, SegOutput
@@ -77,6 +86,7 @@ class Method(nn.Module):
     allowed_seg: ClassVar[tuple[str, ...]] = SEG_LOSSES
     uses_teacher: ClassVar[bool] = True
     default_mib_init: ClassVar[bool] = True
+    classifier: ClassVar[str] = "standard"  # the model.classifier the method trains
 
     def __init__(self, cfg: Config, task: Task, step: int):
         super().__init__()
@@ -94,6 +104,9 @@ class Method(nn.Module):
         self.mib_init = cfg.model.mib_init if cfg.model.mib_init is not None \
             else self.default_mib_init
         self.thresholds: torch.Tensor | None = None
+        if cfg.model.classifier != self.classifier:
+            raise ConfigError("model.classifier", f"method {self.name!r} trains the "
+                              f"{self.classifier!r} classifier; got {cfg.model.classifier!r}")
 
     @property
     def needs_teacher(self) -> bool:
@@ -105,6 +118,21 @@ class Method(nn.Module):
         head (MiB's init or the layer's default random init, as `mib_init` says)."""
         model.load_state_dict(dict(state))
         model.add_step(self.num_new, mib_init=self.mib_init)
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        """After model.train() at every epoch: the method's module modes (none by default)."""
+
+    def param_groups(self, model: nn.Module, params: list[nn.Parameter],
+                     lr: float) -> list:
+        """The optimiser's parameter groups over the trainable `params` (by default one
+        group at the base lr)."""
+        return list(params)
+
+    @classmethod
+    def step0_identity(cls, cfg: Config) -> dict:
+        """The method's settings that shape its step-0 model besides the model, data and
+        step-0 optimisation ({}: step 0 is the plain CE every such method shares)."""
+        return {}
 
     def prepare(self, teacher: nn.Module | None, data_pass: DataPass) -> None:
         """Per-step state before training (PLOP's pseudo-label thresholds); most methods
@@ -268,6 +296,90 @@ class ICD(Method):
         for key, value in self.icd(student.features, teacher.features, msca).items():
             parts[key] = factor * value
         return parts
+
+
+@register("dkd")
+class DKD(Method):
+    """DKD (Baek et al., NeurIPS 2022; cvlab-yonsei/DKD), as its code computes it: DKD's
+    classifier (model.classifier=dkd), its mBCE + AC at step 0 and mBCE + KD + decomposed KD +
+    AC at later steps with loss.dkd's weights (losses/dkd.py), new classifiers initialised
+    from the auxiliary one, and its recipe: the head and classifiers at head_lr_factor times
+    the backbone's lr, weight decay only on the new classifier at t > 0, the backbone's
+    BatchNorm momentum 0.01, and at t > 0 (loss.dkd.freeze_bn) frozen normalisation layers
+    and no dropout."""
+
+    classifier = "dkd"
+
+    def __init__(self, cfg: Config, task: Task, step: int):
+        if cfg.loss.seg != "auto":
+            raise ConfigError("loss.seg", f"method 'dkd' trains with its own mBCE (loss.dkd."
+                              f"mbce); leave loss.seg at auto, got {cfg.loss.seg!r}")
+        if cfg.model.mib_init is not None:
+            raise ConfigError("model.mib_init", "method 'dkd' initialises new classifiers "
+                              "from its auxiliary classifier (random when loss.dkd.ac is 0); "
+                              f"leave model.mib_init at null, got {cfg.model.mib_init!r}")
+        if len(task.classes_at(0)) < 2:
+            raise ConfigError("task", "DKD needs a class besides background at step 0")
+        super().__init__(cfg, task, step)
+        self.dkd = cfg.loss.dkd
+        # DKD counts the old classes without background and step 0's classes as new
+        self.dkd_old = max(self.num_old - 1, 0)
+        self.dkd_new = self.num_new if step > 0 else self.num_new - 1
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether this step's loss uses the previous step's model (any step t > 0)."""
+        return self.step > 0
+
+    def init_student(self, model: DeepLabV3, state: Mapping[str, torch.Tensor]) -> None:
+        """The previous step's weights, a new classifier copying the auxiliary one (random if
+        loss.dkd.ac is 0, as DKD's train_voc.py), and at t > 0 with freeze_bn the norm layers'
+        weights frozen (DKD's optimiser leaves them out)."""
+        model.load_state_dict(dict(state))
+        model.classifier.add_step(self.num_new, aux_init=self.dkd.ac > 0)
+        if self.dkd.freeze_bn:
+            dkd.freeze_norm_layers(model)
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        """The backbone's BatchNorm momentum 0.01 (every step); at t > 0 with freeze_bn, the
+        norm layers' statistics frozen and dropout off."""
+        dkd.set_backbone_bn_momentum(model)
+        if self.step > 0 and self.dkd.freeze_bn:
+            dkd.norm_and_dropout_eval(model)
+
+    def param_groups(self, model: nn.Module, params: list[nn.Parameter], lr: float) -> list:
+        """DKD's groups (losses/dkd.param_groups)."""
+        return dkd.param_groups(model, params, lr, self.cfg.optim.weight_decay,
+                                self.dkd.head_lr_factor, self.step)
+
+    @classmethod
+    def step0_identity(cls, cfg: Config) -> dict:
+        """The loss.dkd keys DKD's step 0 uses: its two weights, the step-0 pos_weight and
+        the head's lr factor."""
+        d = cfg.loss.dkd
+        return {"dkd": {"mbce": d.mbce, "ac": d.ac, "pos_weight_step0": d.pos_weight_step0,
+                        "head_lr_factor": d.head_lr_factor}}
+
+    def forward(self, student: SegOutput, teacher: SegOutput | None,
+                labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted terms (their sum is the loss) and the total, detached."""
+        if self.step > 0 and teacher is None:
+            raise ValueError(f"dkd at step {self.step} needs the teacher's outputs")
+        d = self.dkd
+        if self.step == 0:
+            terms = dkd.dkd_terms(student.logits, None, None, None, None, None, labels, 0,
+                                  self.dkd_new, d.pos_weight_step0)
+            weights = {"mbce": d.mbce, "ac": d.ac}
+        else:
+            terms = dkd.dkd_terms(student.logits, teacher.logits, student.pos_reg,
+                                  teacher.pos_reg, student.neg_reg, teacher.neg_reg, labels,
+                                  self.dkd_old, self.dkd_new, d.pos_weight)
+            weights = {k: getattr(d, k) for k in dkd.TERMS}
+        parts = {k: w * terms[k] for k, w in weights.items()}
+        total = torch.stack(list(parts.values())).sum()
+        components = {k: v.detach() for k, v in parts.items()}
+        components["total"] = total.detach()
+        return total, components
 
 
 def build_method(cfg: Config, task: Task, step: int) -> Method:

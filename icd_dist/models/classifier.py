@@ -33,6 +33,11 @@ class IncrementalClassifier(nn.Module):
         """Logits (N, num_classes, h, w)."""
         return torch.cat([head(x) for head in self.heads], dim=1)
 
+    @staticmethod
+    def predict(logits: torch.Tensor) -> torch.Tensor:
+        """Labels (N, H, W): the argmax over the classes."""
+        return logits.argmax(dim=1)
+
     @torch.no_grad()
     def add_step(self, num_new_classes: int, mib_init: bool = True) -> None:
         """Append a head for `num_new_classes` new classes.

@@ -2,7 +2,9 @@
 
 forward(x) returns SegOutput(logits at the input's size, [layer1, layer2, layer3, layer4,
 head], logits at the head's resolution); the head tap is the feature map just before the
-classifier.
+classifier. `classifier="dkd"` puts DKD's classifier (models/dkd_classifier.py) on the head:
+its SegOutput also holds the positive and negative reasoning maps, and `predict` applies DKD's
+prediction rule instead of the argmax.
 """
 
 from __future__ import annotations
@@ -16,17 +18,25 @@ from torch import nn
 
 from icd_dist.models.backbones import TAP_CHANNELS, build_backbone, norm_factory
 from icd_dist.models.classifier import IncrementalClassifier
+from icd_dist.models.dkd_classifier import DKDClassifier
 from icd_dist.models.head import DeepLabV3Head
+
+# model.classifier -> the classifier module on the head
+CLASSIFIERS = {"standard": IncrementalClassifier, "dkd": DKDClassifier}
 
 
 @dataclass
 class SegOutput:
     """Logits (N, classes, H, W) at the input size, the five feature taps, and the logits at
-    the head's resolution before upsampling (PLOP distils those; None where not produced)."""
+    the head's resolution before upsampling (PLOP distils those; None where not produced);
+    with DKD's classifier, its positive and negative reasoning maps at the head's resolution
+    (N, classes - 1, h, w; None for the other classifiers)."""
 
     logits: torch.Tensor
     features: list[torch.Tensor]
     head_logits: torch.Tensor | None = None
+    pos_reg: torch.Tensor | None = None
+    neg_reg: torch.Tensor | None = None
 
 
 class DeepLabV3(nn.Module):
@@ -34,13 +44,16 @@ class DeepLabV3(nn.Module):
 
     def __init__(self, backbone: str, classes_per_step: Sequence[int], output_stride: int = 16,
                  head_channels: int = 256, norm: str = "batchnorm",
-                 taps: str = "post_activation"):
+                 taps: str = "post_activation", classifier: str = "standard"):
         super().__init__()
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got "
+                             f"{classifier!r}")
         self.backbone_name = backbone
         self.backbone = build_backbone(backbone, output_stride, norm, taps)
         self.head = DeepLabV3Head(TAP_CHANNELS[backbone][-1], head_channels, output_stride,
                                   norm_factory(norm))
-        self.classifier = IncrementalClassifier(head_channels, classes_per_step)
+        self.classifier = CLASSIFIERS[classifier](head_channels, classes_per_step)
 
     @property
     def num_classes(self) -> int:
@@ -60,7 +73,15 @@ class DeepLabV3(nn.Module):
         if upsample:
             logits = F.interpolate(small, size=x.shape[-2:], mode="bilinear",
                                    align_corners=False)
-        return SegOutput(logits, [*taps, head], small)
+        pos = neg = None
+        if isinstance(self.classifier, DKDClassifier):
+            pos, neg = self.classifier.reasoning(head)
+        return SegOutput(logits, [*taps, head], small, pos, neg)
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """Labels (N, H, W) from this model's logits: the argmax, or DKD's rule with its
+        classifier."""
+        return self.classifier.predict(logits)
 
 
 def to_sync_batchnorm(model: nn.Module) -> nn.Module:
@@ -77,7 +98,8 @@ def build_model(model_cfg, classes_per_step: Sequence[int],
     from icd_dist.models.pretrained import load_pretrained_backbone, pretrained_file
 
     model = DeepLabV3(model_cfg.backbone, classes_per_step, model_cfg.output_stride,
-                      model_cfg.head_channels, model_cfg.norm, model_cfg.taps)
+                      model_cfg.head_channels, model_cfg.norm, model_cfg.taps,
+                      model_cfg.classifier)
     weights = pretrained_file(model_cfg.pretrained)  # None for null and "none"
     if load_pretrained and weights:
         load_pretrained_backbone(model.backbone, weights, model_cfg.backbone)

@@ -39,7 +39,7 @@ def cfg_for(method, *extra):
 
 
 def test_registry_has_every_method_of_the_config():
-    assert set(METHODS) == {"ft", "joint", "mib", "plop", "icd"}
+    assert set(METHODS) == {"ft", "joint", "mib", "plop", "icd", "dkd"}
 
 
 @pytest.mark.parametrize("method", ["ft", "mib", "plop", "icd"])
