@@ -204,11 +204,16 @@ def check_shards(cfg: Config, folders: list[tuple[str, Manifest, list[str]]], lo
 # Model keys that do not change the step-0 model: the classifier init of later steps and
 # which activations are tapped (step 0 trains with CE on the logits only).
 STEP0_NEUTRAL_MODEL_KEYS = ("mib_init", "taps")
+# Model keys added later, at the value every earlier model had: left out at that value, so
+# earlier step-0 models (their config.yaml, their cache keys) still match. model.classifier=dkd
+# (DKD's own step 0) is kept and makes another step-0 model.
+STEP0_LEGACY_DEFAULTS = {"classifier": "standard"}
 
 
 def step0_model_config(model: dict) -> dict:
     """The part of a model config (as a dict) that shapes the step-0 model."""
-    return {k: v for k, v in model.items() if k not in STEP0_NEUTRAL_MODEL_KEYS}
+    return {k: v for k, v in model.items() if k not in STEP0_NEUTRAL_MODEL_KEYS
+            and not (k in STEP0_LEGACY_DEFAULTS and v == STEP0_LEGACY_DEFAULTS[k])}
 
 
 def check_step0_source(cfg: Config, task: Task, source: RunFolder) -> None:

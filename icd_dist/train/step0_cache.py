@@ -4,7 +4,9 @@ same step-0 identity can start from one trained model.
 
 The identity is everything that shapes the step-0 model: the data config (shards,
 augmentation, crop), the step-0 classes, the setting and the exact set of step-0 training
-images, the model config, the step-0 optimisation, the engine's numerics, the seed and the
+images, the model config (model.classifier=dkd: DKD's own step 0), the step-0 optimisation,
+the method's step-0 settings where it has any (Method.step0_identity: DKD's mBCE and AC
+weights, step-0 pos_weight, head lr factor), the engine's numerics, the seed and the
 version of the step-0 training code (STEP0_PROTOCOL). Its
 hash is the key; `{storage_path}/step0_cache/{key}/` is a run folder holding step_0/, the
 identity (identity.json) and a record of every training of it (trainings.json).
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 
 from icd_dist.config import Config, config_to_dict, update
 from icd_dist.css.tasks import Task
+from icd_dist.losses.methods import METHODS
 from icd_dist.train.run_folder import RunFolder
 from icd_dist.train.schedule import run_schedule, step0_model_config
 from icd_dist.train.storage import Storage
@@ -37,6 +40,7 @@ _NUMERICS = ("engine", "num_workers", "micro_batch_size", "precision", "zero_sta
 def step0_identity(cfg: Config, task: Task, train_keys: Sequence[str]) -> dict:
     """What the step-0 model of `task` under `cfg` depends on, as plain data."""
     full = config_to_dict(cfg)
+    method = METHODS[cfg.method.name].step0_identity(cfg)
     return {
         "dataset": task.dataset,
         "data": full["data"],
@@ -48,6 +52,7 @@ def step0_identity(cfg: Config, task: Task, train_keys: Sequence[str]) -> dict:
         "engine": {k: full["engine"][k] for k in _NUMERICS},
         "seed": cfg.run.seed,
         "protocol": STEP0_PROTOCOL,
+        **({"method": method} if method else {}),  # absent for the shared CE step 0
     }
 
 

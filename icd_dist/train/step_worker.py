@@ -212,6 +212,7 @@ class StepTrainer:
         params = [p for p in (*self.student.parameters(), *self.method.parameters())
                   if p.requires_grad]
         lr = cfg.optim.lr if step == 0 else cfg.optim.lr_incremental
+        params = self.method.param_groups(self.student, params, lr)  # DKD: lr x10 on the head
         self.engine: TrainEngine = build_engine(cfg, self.student, params, lr,
                                                 self.budget.iterations,
                                                 self.device.type == "cuda")
@@ -281,6 +282,7 @@ class StepTrainer:
         """One epoch (the budget's micro-batches; the last epoch stops at the iteration
         budget); returns the last micro-batch's loss components."""
         self.student.train()
+        self.method.set_train_mode(self.student)  # e.g. DKD's frozen BatchNorm and dropout
         self.train_loader.set_epoch(epoch)
         self._seen, self._t0, last = 0, time.perf_counter(), {}
         for batch in self.train_loader:
@@ -449,7 +451,7 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.dev
             images = batch.images.to(device, non_blocking=True)
             labels = batch.labels.to(device)
             logits = model(images.to(dtype)).logits
-            pred = logits.argmax(dim=1)
+            pred = model.predict(logits)  # the argmax, or the classifier's own rule (DKD)
             cm.update(pred, labels)
             for k in range(min(overlays - len(kept), images.shape[0])):
                 kept.append((overlay_image(images[k].float().cpu().numpy()),

@@ -39,7 +39,11 @@ from icd_dist.train.tracking import Tracker, wandb_mode
 
 # Searched name -> config key.
 PARAM_KEYS = {"lambda_int": "loss.icd.lambda_int", "lambda_ext": "loss.icd.lambda_ext",
-              "lambda_kd": "loss.lambda_kd", "tau": "loss.icd.tau", "stats": "loss.icd.stats"}
+              "lambda_kd": "loss.lambda_kd", "tau": "loss.icd.tau", "stats": "loss.icd.stats",
+              "dkd_kd": "loss.dkd.kd", "dkd_pos": "loss.dkd.dkd_pos",
+              "dkd_neg": "loss.dkd.dkd_neg"}
+# DKD's weights of steps t > 0 (its mbce and ac weights also shape step 0: not searched).
+DKD_PARAMS = ("dkd_kd", "dkd_pos", "dkd_neg")
 METRIC_KEYS = {"all": "miou_all", "hiou": "hiou", "old": "miou_old"}
 SUMMARY_NAME = "tune_summary.json"
 
@@ -67,7 +71,7 @@ def search_space(cfg: Config) -> dict:
 
     space = cfg.tune.space
     out: dict = {}
-    for name in ("lambda_int", "lambda_ext", "lambda_kd"):
+    for name in ("lambda_int", "lambda_ext", "lambda_kd", *DKD_PARAMS):
         bounds = getattr(space, name)
         if bounds is not None:
             out[name] = tune.loguniform(*bounds) if bounds[0] < bounds[1] else bounds[0]
@@ -285,6 +289,13 @@ def run_sweep(cfg: Config, log: Log | None = None,
                                                               "stats")):
         raise ConfigError("method.name", f"the sweep searches ICD weights; got method "
                           f"{cfg.method.name!r} (use an icd config or null those dimensions)")
+    dkd_dims = [k for k in DKD_PARAMS if getattr(cfg.tune.space, k) is not None]
+    if dkd_dims and cfg.method.name != "dkd":
+        raise ConfigError("method.name", f"the sweep searches DKD weights ({', '.join(dkd_dims)}"
+                          f"); got method {cfg.method.name!r} (use a dkd config or null them)")
+    if cfg.method.name == "dkd" and cfg.tune.space.lambda_kd is not None:
+        raise ConfigError("tune.space.lambda_kd", "DKD has no MiB KD term (its weights are "
+                          "tune.space.dkd_kd, dkd_pos, dkd_neg); set it to null")
     name = sweep_name(cfg)
     storage = Storage(cfg.run.storage_path).child(name)
     storage.makedirs()
