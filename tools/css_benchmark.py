@@ -1,15 +1,19 @@
 """The CamVid continual-segmentation table and the ICD ablation, from one command.
 
 Builds CamVid shards (train for training, val for evaluation), trains the shared step 0
-once per seed, then runs ft, mib, plop and icd on CamVid 6-5 and 6-1 from that step 0, the
-joint upper bound, and the ICD ablation (internal only, external only, statistic subsets,
-learned MSCA, tau) on one task, every run through `python -m icd_dist.run` on one local Ray
-cluster, `--parallel` runs at a time. Writes results.md and results.json (old / new / all
-mIoU, hIoU, wall time of every row, the commands, the device and versions) to --out.
+once per seed, then runs ft, mib, plop and icd on CamVid 6-5 and 6-1 from that step 0, dkd
+from its own step 0 (DKD trains step 0 with its own classifier and losses, once per seed for
+both tasks), the joint upper bound, and the ICD ablation (internal only, external only,
+statistic subsets, learned MSCA, tau) on one task, every run through `python -m icd_dist.run`
+on one local Ray cluster, `--parallel` runs at a time. Writes results.md and results.json
+(old / new / all mIoU, hIoU, wall time of every row, the commands, the device and versions)
+to --out.
 
     python tools/css_benchmark.py                        # the README table (~45 min, 2 cores)
     python tools/css_benchmark.py --seeds 0 1 2          # mean and spread over three seeds
     python tools/css_benchmark.py --smoke --work /tmp/s  # a tiny end-to-end check (CI)
+    python tools/css_benchmark.py --methods dkd --tasks 6-5 --ablation-task none --no-joint
+                                                         # one method's rows alone
 
 Budgets are iterations (configs/camvid/), so a re-run with the same seed trains the same
 model; the wall times vary with the machine's load.
@@ -42,7 +46,9 @@ from bench_common import cpu_name  # noqa: E402
 
 from icd_dist.train.metrics import harmonic_iou  # noqa: E402
 
-METHODS = ("ft", "mib", "plop", "icd")
+METHODS = ("ft", "mib", "plop", "icd", "dkd")
+# Methods whose step 0 is their own, not the shared CE one: its run-name prefix and label.
+OWN_STEP0 = {"dkd": ("step0-dkd", "step 0 (DKD's own)")}
 TASKS = ("6-5", "6-1")
 # (row label, overrides on the icd config). The full method is the icd row of the main table.
 ABLATION = (
@@ -114,19 +120,28 @@ def plan(args, train: Path, val: Path, runs: Path) -> list[Job]:
     for seed in args.seeds:
         base = [*common, f"run.seed={seed}"]
         step0 = f"step0-s{seed}"
-        jobs.append(Job(step0, "step0", "step 0 (shared)", "step0", seed,
-                        "configs/camvid/6-5_ft.yaml", [*base, f"run.name={step0}"],
-                        ["--last-step", "0"]))
-        if not args.smoke:
+        if args.ablation_task or any(m not in OWN_STEP0 for m in args.methods):
+            jobs.append(Job(step0, "step0", "step 0 (shared)", "step0", seed,
+                            "configs/camvid/6-5_ft.yaml", [*base, f"run.name={step0}"],
+                            ["--last-step", "0"]))
+        own = {}  # method -> its own step-0 job's key
+        for method in (m for m in args.methods if m in OWN_STEP0):
+            prefix, label = OWN_STEP0[method]
+            own[method] = f"{prefix}-s{seed}"
+            jobs.append(Job(own[method], "step0", label, "step0", seed,
+                            f"configs/camvid/6-5_{method}.yaml",
+                            [*base, f"run.name={own[method]}"], ["--last-step", "0"]))
+        if not args.smoke and getattr(args, "joint", True):
             jobs.append(Job(f"joint-s{seed}", "joint", "joint", "offline", seed,
                             "configs/camvid/joint.yaml", [*base, f"run.name=joint-s{seed}"]))
         for task in args.tasks:
             for method in args.methods:
                 key = f"{task}-{method}-s{seed}"
+                needs = own.get(method, step0)
                 jobs.append(Job(key, "method", method, task, seed,
                                 f"configs/camvid/{task}_{method}.yaml",
                                 [*base, f"run.name={key}"],
-                                ["--step0-from", str(runs / step0)], needs=step0))
+                                ["--step0-from", str(runs / needs)], needs=needs))
         if args.ablation_task:
             for label, overrides in ABLATION:
                 # named by its overrides: a changed variant never reuses an old run's folder
@@ -304,12 +319,14 @@ def format_tables(rows: list[dict], ablation_task: str | None) -> str:
         for r in [*body, *[r for r in rows if r["kind"] == "joint"]]:
             out[-1] += (f"| {r['label']} | {_cell(r, 'old')} | {_cell(r, 'new')} | "
                         f"{_cell(r, 'all')} | {_cell(r, 'hiou')} | {r['wall_min']:.1f} |\n")
-    step0 = [r for r in rows if r["kind"] == "step0"]
-    if step0:
-        r = step0[0]
-        out.append(f"Shared step 0 (background + 6 classes, trained once per seed and reused "
-                   f"by every continual run): mIoU {_cell(r, 'all')}, {r['wall_min']:.1f} "
-                   "min.\n")
+    for r in (r for r in rows if r["kind"] == "step0"):
+        if r["label"] == "step 0 (shared)":
+            out.append(f"Shared step 0 (background + 6 classes, trained once per seed and "
+                       f"reused by every continual run of the CE-trained methods): mIoU "
+                       f"{_cell(r, 'all')}, {r['wall_min']:.1f} min.\n")
+        else:
+            out.append(f"{r['label'][0].upper()}{r['label'][1:]} (trained once per seed for "
+                       f"its rows): mIoU {_cell(r, 'all')}, {r['wall_min']:.1f} min.\n")
     abl = [r for r in rows if r["kind"] == "ablation"]
     if abl:
         full = [r for r in rows if r["kind"] == "method" and r["label"] == "icd"
@@ -349,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation-task", default="6-5", choices=[*TASKS, "none"],
                    help="the task of the ICD ablation (none: no ablation); 6-5 by default, "
                         "which keeps the whole table within an hour on 2 cores")
+    p.add_argument("--no-joint", dest="joint", action="store_false",
+                   help="leave out the joint upper bound")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
     p.add_argument("--smoke", action="store_true", help="ft and icd on 6-5 only, tiny "
                    "budget and data, no joint and no ablation: an end-to-end check")

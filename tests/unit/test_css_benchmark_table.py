@@ -75,3 +75,23 @@ def test_plan_runs_every_continual_schedule_from_its_seeds_step0(bench, tmp_path
     assert {o for j in ablation for o in j.overrides} >= {"loss.icd.msca=learned",
                                                           "loss.icd.lambda_ext=0",
                                                           "loss.icd.lambda_int=0"}
+
+
+def test_plan_trains_dkds_own_step0_for_its_rows(bench, tmp_path):
+    args = argparse.Namespace(seeds=[0], smoke=False, tasks=["6-5", "6-1"],
+                              methods=["mib", "dkd"], ablation_task=None)
+    jobs = {j.key: j for j in bench.plan(args, tmp_path / "t", tmp_path / "v", tmp_path / "r")}
+    assert set(jobs) == {"step0-s0", "step0-dkd-s0", "joint-s0", "6-5-mib-s0", "6-1-mib-s0",
+                         "6-5-dkd-s0", "6-1-dkd-s0"}
+    own = jobs["step0-dkd-s0"]
+    assert own.kind == "step0" and own.config == "configs/camvid/6-5_dkd.yaml"
+    assert own.extra_args == ["--last-step", "0"]
+    for task in ("6-5", "6-1"):
+        assert jobs[f"{task}-dkd-s0"].needs == "step0-dkd-s0"
+        assert jobs[f"{task}-dkd-s0"].config == f"configs/camvid/{task}_dkd.yaml"
+        assert jobs[f"{task}-mib-s0"].needs == "step0-s0"
+    # DKD alone, without joint: no CE step 0 to train
+    args = argparse.Namespace(seeds=[0], smoke=False, tasks=["6-5"], methods=["dkd"],
+                              ablation_task=None, joint=False)
+    assert [j.key for j in bench.plan(args, tmp_path / "t", tmp_path / "v", tmp_path / "r")] \
+        == ["step0-dkd-s0", "6-5-dkd-s0"]
