@@ -1,7 +1,7 @@
 """DKD through the runner on a local Ray (2 CPU workers): its own step 0, two incremental
 steps on DeepSpeed with frozen BatchNorm statistics, the same workers' weights, its loss
-components in W&B, `evaluate` with its prediction rule, then an incremental step on DDP from
-that step 0 (--step0-from)."""
+components in W&B, `evaluate` with its prediction rule, then an incremental step on DDP with
+bf16 autocast and a bf16 teacher from that step 0 (--step0-from)."""
 
 import pytest
 import torch
@@ -54,9 +54,12 @@ def test_dkd_schedule_deepspeed_and_ddp(local_ray, tmp_path):
     assert again["step"] == 2
     assert again["miou_all"] == pytest.approx(summary["steps"][2]["miou_all"], abs=1e-6)
 
-    ddp = tiny_config(tmp_path, *DKD, "run.name=dkd-ddp", "engine.engine=ddp")
+    ddp = tiny_config(tmp_path, *DKD, "run.name=dkd-ddp", "engine.engine=ddp",
+                      "engine.precision=bf16", "engine.teacher_dtype=bf16")
     other = run_schedule(ddp, log=logs.append, last_step=1, step0_from=str(run))
     assert other["steps"][0]["student_digests"] == summary["steps"][0]["student_digests"]
     assert other["steps"][1]["student_digests"][0] == other["steps"][1]["student_digests"][1]
+    assert (other["steps"][1]["precision"], other["steps"][1]["teacher_dtype"]) == \
+        ("bf16", "bfloat16")
     d1 = state(tmp_path / "runs" / "dkd-ddp", 1)
     assert all(torch.equal(d1[k], s0[k]) for k in stats)

@@ -433,6 +433,27 @@ def test_batchnorm_learns_at_step0_and_without_freeze_bn():
         assert any(isinstance(m, nn.Dropout) and m.training for m in student.modules())
 
 
+def test_bf16_autocast_and_bf16_teacher_give_float32_terms_near_fp32():
+    old, student, method = _student(cfg_for())
+    teacher32, teacher16 = freeze(copy.deepcopy(old)), freeze(copy.deepcopy(old), torch.bfloat16)
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 48, 48)
+    labels = torch.randint(0, 21, (2, 48, 48))
+    labels[labels < 16] = 0
+    student.train()
+    method.set_train_mode(student)  # t > 0: no dropout, fixed statistics: forwards comparable
+    _, parts32 = method(student(x), teacher32(x), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = student(x)
+        loss, parts16 = method(out, teacher16(x.to(torch.bfloat16)), labels)
+    assert out.logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    for k, v in parts32.items():
+        assert parts16[k].dtype == torch.float32
+        assert parts16[k].item() == pytest.approx(v.item(), rel=0.05, abs=1e-3), k
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
 def test_backbone_batchnorm_momentum_is_dkds():
     _, student, method = _student(cfg_for(), 0)
     student.train()
@@ -545,6 +566,7 @@ def test_step0_key_separates_dkds_step0_and_keeps_the_ce_ones():
 
 
 def test_step0_from_a_ce_step0_is_refused_for_dkd(tmp_path):
+    from icd_dist.train.run_folder import RunFolder
     from icd_dist.train.schedule import check_step0_source
 
     task = get_task("camvid", "6-5")
@@ -556,14 +578,14 @@ def test_step0_from_a_ce_step0_is_refused_for_dkd(tmp_path):
         source.write_json("step_0/metrics.json", {"classes": list(task.classes_at(0))})
         source.write_bytes("step_0/DONE", b"done\n")
     dkd_cfg = load_config("configs/camvid/6-5_dkd.yaml")
-    check_step0_source(dkd_cfg, task, Storage(str(tmp_path / "dkd")))
+    check_step0_source(dkd_cfg, task, RunFolder(str(tmp_path / "dkd")))
     check_step0_source(load_config("configs/camvid/6-1_dkd.yaml"), task,
-                       Storage(str(tmp_path / "dkd")))
+                       RunFolder(str(tmp_path / "dkd")))
     with pytest.raises(ConfigError, match="model"):
-        check_step0_source(dkd_cfg, task, Storage(str(tmp_path / "ce")))
+        check_step0_source(dkd_cfg, task, RunFolder(str(tmp_path / "ce")))
     with pytest.raises(ConfigError, match="model"):
         check_step0_source(load_config("configs/camvid/6-5_mib.yaml"), task,
-                           Storage(str(tmp_path / "dkd")))
+                           RunFolder(str(tmp_path / "dkd")))
     # a config.yaml written before model.classifier existed still serves a CE run
     legacy = Storage(str(tmp_path / "legacy"))
     text = dump_config(load_config("configs/camvid/6-5_ft.yaml")).replace(
@@ -572,7 +594,7 @@ def test_step0_from_a_ce_step0_is_refused_for_dkd(tmp_path):
     legacy.write_bytes("config.yaml", text.encode())
     legacy.write_json("step_0/metrics.json", {"classes": list(task.classes_at(0))})
     legacy.write_bytes("step_0/DONE", b"done\n")
-    check_step0_source(load_config("configs/camvid/6-5_icd.yaml"), task, legacy)
+    check_step0_source(load_config("configs/camvid/6-5_icd.yaml"), task, RunFolder(legacy))
 
 
 def test_shipped_configs_carry_dkds_recipe():
