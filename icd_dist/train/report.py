@@ -31,6 +31,21 @@ def format_summary_table(steps: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_reading(steps: list[dict]) -> str:
+    """What to look at in a finished schedule, in words: the old classes' mIoU after step 0
+    and after the last step (stability: how much of it is kept), the new classes' mIoU
+    (plasticity) and the hIoU that weighs both. Empty for a one-step run."""
+    if len(steps) < 2 or steps[0]["miou_old"] is None or steps[-1]["miou_old"] is None:
+        return ""
+    first, last = steps[0]["miou_old"], steps[-1]["miou_old"]
+    kept = f" ({100 * last / first:.0f}% of it kept)" if first > 0 else ""
+    return (f"reading: old classes (stability) {100 * first:.2f} after step 0 -> "
+            f"{100 * last:.2f} after step {steps[-1]['step']}{kept}; new classes "
+            f"(plasticity) {_pct(steps[-1]['miou_new']).strip()}; hIoU "
+            f"{_pct(steps[-1]['hiou']).strip()} weighs both. A method that forgets shows old "
+            "far below step 0 (method.name=ft does); one that does not learn shows new near 0.")
+
+
 def format_step_result(s: dict) -> str:
     """One line: a finished step's time and scores (%)."""
     def pct(v):

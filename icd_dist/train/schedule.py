@@ -39,6 +39,7 @@ from icd_dist.train.ray_session import describe_ray, init_ray
 from icd_dist.train.report import (
     format_bad_samples,
     format_class_table,
+    format_reading,
     format_step_result,
     format_summary_table,
     write_plots,
@@ -288,6 +289,9 @@ def _run_steps(cfg: Config, task: Task, name: str, run: RunFolder, dirs: tuple[s
     if run.local:
         write_plots(results, Path(run.uri()), name)
     log(f"run {name} complete:\n{format_summary_table(results)}")
+    reading = format_reading(results)
+    if reading:
+        log(reading)
     log(f"summary: {run.uri(SUMMARY)}")
     log(f"run folder: {run.uri()} ({format_bytes(run.size_bytes())})")
     if on_step:

@@ -19,6 +19,7 @@ from icd_dist.train.ray_session import job_env
 from icd_dist.train.report import (
     format_bad_samples,
     format_class_table,
+    format_reading,
     format_summary_table,
 )
 from icd_dist.train.run_folder import RunFolder, folder_bytes, format_bytes
@@ -76,6 +77,16 @@ def test_summary_table_shows_skipped_samples():
                                 "skipped", "time", "s"]
     assert table[1].split()[1] == "0..2" and table[1].split()[-2] == "0"
     assert table[2].split()[1] == "3" and table[2].split()[-2] == "2"
+
+
+def test_reading_names_stability_and_plasticity():
+    steps = [{"step": 0, "miou_old": 0.8288, "miou_new": None, "hiou": None},
+             {"step": 1, "miou_old": 0.7683, "miou_new": 0.5716, "hiou": 0.6555}]
+    text = format_reading(steps)
+    assert text.startswith("reading: old classes (stability) 82.88 after step 0 -> 76.83 "
+                           "after step 1 (93% of it kept); new classes (plasticity) 57.16; "
+                           "hIoU 65.55 weighs both.")
+    assert format_reading(steps[:1]) == ""
 
 
 def test_bad_samples_named_once_each():
