@@ -277,7 +277,10 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        source = _EpochSource(self, self.indices())
+        indices = self.indices()
+        if not indices:  # evaluation on more ranks than samples: nothing for this rank
+            return
+        source = _EpochSource(self, indices)
         seed = int(np.random.SeedSequence([self.options.seed, self.rank, self.epoch])
                    .generate_state(1)[0] % (2**31 - 1))
         pipeline = _build_pipeline(source, self.options, seed)

@@ -106,3 +106,17 @@ def test_ranks_draw_different_augmentations(shards, kind):
     assert images[0].shape == images[1].shape == (MICRO, 3, 32, 32)
     assert not torch.equal(images[0], images[1])
     assert not torch.equal(images[0][0], images[0][1])  # the repeats within a rank, too
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_evaluation_reads_every_sample_once_even_with_more_ranks_than_samples(shards, kind):
+    data = load_config(None, [f"data.pipeline={kind}", "data.eval_size=32",
+                              "data.loader_workers=0"]).data
+    keys = [s.key for s in load_manifest(shards).samples]
+    for few in (keys, keys[:2]):  # 11 samples on 4 ranks; 2 samples on 4 ranks
+        read = []
+        for rank in range(4):
+            ld = StepLoader(data, shards, few, None, train=False, batch_size=2, rank=rank,
+                            world_size=4)
+            read += [k for b in ld for k in b.keys]
+        assert sorted(read) == sorted(few)
