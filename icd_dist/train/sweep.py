@@ -359,7 +359,8 @@ def _trial_rows(storage: Storage, grid, last_steps: Mapping[str, int], metric: s
         trial_id = metrics.get("trial_id") or (found.group(0) if found else Path(result.path).name)
         config = dict(result.config or {})
         schedule = config.pop("schedule", None)
-        run = RunFolder(storage.child("trials").child(trial_id))
+        trial = storage.child("trials").child(trial_id)
+        run = RunFolder(trial)
         steps = []
         for step in range(last_steps.get(schedule, -1) + 1):
             if run.has_metrics(step):
@@ -373,7 +374,7 @@ def _trial_rows(storage: Storage, grid, last_steps: Mapping[str, int], metric: s
             status = "finished"
         else:
             status = "stopped"
-        attempts = run.read_json("attempts.json") if run.exists("attempts.json") else []
+        attempts = trial.read_json("attempts.json") if trial.exists("attempts.json") else []
         rows.append({
             "trial_id": trial_id, "schedule": schedule, "params": config, "status": status,
             "last_step": reached, "steps": steps, "attempts": len(attempts),

@@ -94,7 +94,9 @@ def test_shards_read_from_s3_equal_local(tmp_path, s3_env, monkeypatch):
     remote = ShardDataset(train_uri, None, None, augment, seed=3)
     assert remote.remote and len(remote) == len(local) == 32
     for i in (0, 7, 31):
-        for a, b in zip(local[i], remote[i], strict=True):
+        (image, label, key), (r_image, r_label, r_key) = local[i], remote[i]
+        assert key == r_key
+        for a, b in ((image, r_image), (label, r_label)):
             assert a.dtype == b.dtype and a.equal(b)
     # Spawned loader workers (object-store clients are not fork-safe) read the same batches.
     batches = [next(iter(make_loader(d, 8, num_workers=1, epoch=1, seed=3)))
