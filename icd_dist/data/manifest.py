@@ -137,6 +137,20 @@ def load_manifest(folder: str | Path) -> Manifest:
     return Manifest.from_json(json.loads(shard_files.read_bytes(path)))
 
 
+def select_records(manifest: Manifest, keys: Sequence[str] | None,
+                   where: str | Path) -> list[SampleRecord]:
+    """The manifest's records of `keys` in manifest order (all of them for None); KeyError
+    naming a few keys that the shard folder `where` does not hold."""
+    if keys is None:
+        return list(manifest.samples)
+    wanted = set(keys)
+    records = [r for r in manifest.samples if r.key in wanted]
+    if len(records) != len(wanted):
+        missing = sorted(wanted - {r.key for r in records})
+        raise KeyError(f"{len(missing)} selected keys are not in {where}, e.g. {missing[:3]}")
+    return records
+
+
 def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file (local or in an object store), read in chunks."""
     from icd_dist.data import shard_files

@@ -17,7 +17,7 @@ import numpy as np
 
 from icd_dist.config import ConfigError, DataConfig
 from icd_dist.data.dali_pipeline import DaliLoader, DaliOptions, dali_available
-from icd_dist.data.manifest import load_manifest
+from icd_dist.data.manifest import load_manifest, select_records
 from icd_dist.data.shard_files import is_remote
 from icd_dist.data.torch_pipeline import AugmentConfig, Batch, ShardDataset, make_loader
 
@@ -59,11 +59,7 @@ class StepLoader:
         self.batches_per_epoch = batches_per_epoch if train else None
         self.loader_workers = data.loader_workers
         if self.kind == "dali":
-            wanted = set(keys)
-            records = [r for r in load_manifest(shard_dir).samples if r.key in wanted]
-            if len(records) != len(wanted):
-                raise KeyError(f"{len(wanted) - len(records)} selected keys are not in "
-                               f"{shard_dir}")
+            records = select_records(load_manifest(shard_dir), keys, shard_dir)
             options = DaliOptions(batch_size, train, data.crop_size,
                                   (data.scale_min, data.scale_max), hflip=data.hflip,
                                   crop_mode=data.crop_mode, eval_size=data.eval_size,

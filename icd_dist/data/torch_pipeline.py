@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from icd_dist.css.remap import apply_lut
 from icd_dist.data.epoch_order import eval_indices, train_positions
 from icd_dist.data.errors import BadSampleError
-from icd_dist.data.manifest import load_manifest
+from icd_dist.data.manifest import load_manifest, select_records
 from icd_dist.data.sample_io import decode_sample, read_member
 from icd_dist.data.shard_files import ShardFile, exists, is_remote, join
 from icd_dist.data.transforms import eval_transform, normalize, train_transform
@@ -59,16 +59,7 @@ class ShardDataset(Dataset):
         self.shard_dir = str(shard_dir) if is_remote(shard_dir) else Path(shard_dir)
         manifest = load_manifest(self.shard_dir)
         self.num_classes = manifest.num_classes
-        if keys is None:
-            self.records = list(manifest.samples)
-        else:
-            wanted = set(keys)
-            self.records = [r for r in manifest.samples if r.key in wanted]
-            if len(self.records) != len(wanted):
-                known = {r.key for r in self.records}
-                missing = sorted(wanted - known)
-                raise KeyError(f"{len(missing)} selected keys are not in {self.shard_dir}, "
-                               f"e.g. {missing[:3]}")
+        self.records = select_records(manifest, keys, self.shard_dir)
         self.lut = lut
         self.augment = augment
         self.seed = seed

@@ -493,13 +493,10 @@ def note_bad_samples(bad: dict[tuple[str, str], str], batch) -> None:
 
 def _gather_bad_samples(bad: dict[tuple[str, str], str], world: int) -> list[dict]:
     """The distinct bad samples of every rank, sorted ({"shard", "key", "reason"})."""
-    merged = dict(bad)
-    if world > 1:
-        parts: list = [None] * world
-        dist.all_gather_object(parts, bad)
-        for part in parts:
-            for where, reason in part.items():
-                merged.setdefault(where, reason)
+    merged: dict[tuple[str, str], str] = {}
+    for part in _gather_objects(bad, world):
+        for where, reason in part.items():
+            merged.setdefault(where, reason)
     return [{"shard": shard, "key": key, "reason": merged[(shard, key)]}
             for shard, key in sorted(merged)]
 
