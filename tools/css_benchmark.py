@@ -1,19 +1,26 @@
-"""The CamVid continual-segmentation table and the ICD ablation, from one command.
+"""The CamVid continual-segmentation benchmark and the ICD ablation, from one command.
 
-Builds CamVid shards (train for training, val for evaluation), trains the shared step 0
-once per seed, then runs ft, mib, plop and icd on CamVid 6-5 and 6-1 from that step 0, dkd
-from its own step 0 (DKD trains step 0 with its own classifier and losses, once per seed for
-both tasks), the joint upper bound, and the ICD ablation (internal only, external only,
-statistic subsets, learned MSCA, tau) on one task, every run through `python -m icd_dist.run`
-on one local Ray cluster, `--parallel` runs at a time. Writes results.md and results.json
-(old / new / all mIoU, hIoU, wall time of every row, the commands, the device and versions)
-to --out.
+Main table: task large-2s (step 0: background, sky, building, road; step 1: pavement, tree,
+car, classes that can be learned at CPU scale, so plasticity shows), every method (ft, mib,
+plop, icd, dkd) and the joint upper bound, over seeds 0, 1 and 2. Each run is scored on two
+evaluation sets: CamVid val (101 images, drive 0016E5) and a held-out training drive
+(0006R0, 101 images, left out of training in every run of the tool). The table reports
+mean ± population std over seeds, and the per-seed paired differences ICD minus each
+baseline; an ordering is claimed only where the paired difference has the same sign on every
+seed and its mean exceeds the larger of the two rows' spreads. The ICD ablation (on
+large-2s) is paired with the full ICD row in the same way. Also: large-4s (the same classes,
+one per step) and the natural-order 6-5 / 6-1 tasks (thin new classes) on request.
 
-    python tools/css_benchmark.py                        # the README table (~45 min, 2 cores)
-    python tools/css_benchmark.py --seeds 0 1 2          # mean and spread over three seeds
+    python tools/css_benchmark.py                        # the README table (3 seeds)
+    python tools/css_benchmark.py --seeds 0 --ablation-task none   # one seed, no ablation
+    python tools/css_benchmark.py --tasks large-2s large-4s 6-5    # more tasks
     python tools/css_benchmark.py --smoke --work /tmp/s  # a tiny end-to-end check (CI)
-    python tools/css_benchmark.py --methods dkd --tasks 6-5 --ablation-task none --no-joint
-                                                         # one method's rows alone
+
+Shared runs: one CE step 0 per seed and task family (large-2s and large-4s share theirs;
+6-5 and 6-1 theirs), DKD's own step 0 likewise, one joint run per seed and family. Every run
+goes through `python -m icd_dist.run` on one local Ray cluster, `--parallel` at a time.
+Writes results.md, results.json (every score, per seed and eval set, the paired differences,
+the commands, the device and versions) and per_class_iou_<task>.png to --out.
 
 Budgets are iterations (configs/camvid/), so a re-run with the same seed trains the same
 model; the wall times vary with the machine's load.
@@ -47,113 +54,182 @@ from bench_common import cpu_name  # noqa: E402
 from icd_dist.train.metrics import harmonic_iou  # noqa: E402
 
 METHODS = ("ft", "mib", "plop", "icd", "dkd")
+REFERENCE = "icd"  # the paired differences are ICD minus each other method
+
+
+@dataclass(frozen=True)
+class Family:
+    """Tasks that share one step 0 (and so one CE step-0 run, one DKD step-0 run and one
+    joint run per seed)."""
+
+    step0_task: str     # the task whose configs train the family's step 0
+    joint_config: str
+    step0_classes: str  # for the tables
+
+
+FAMILIES = {
+    "large": Family("large-2s", "configs/camvid/large_joint.yaml",
+                    "background, sky, building, road"),
+    "natural": Family("6-5", "configs/camvid/joint.yaml",
+                      "background, sky, building, pole, road, pavement, tree"),
+}
+TASK_FAMILY = {"large-2s": "large", "large-4s": "large", "6-5": "natural", "6-1": "natural"}
+TASKS = tuple(TASK_FAMILY)
+MAIN_TASKS = ("large-2s",)
 # Methods whose step 0 is their own, not the shared CE one: its run-name prefix and label.
 OWN_STEP0 = {"dkd": ("step0-dkd", "step 0 (DKD's own)")}
-TASKS = ("6-5", "6-1")
 # (row label, overrides on the icd config). The full method is the icd row of the main table.
 ABLATION = (
     ("internal only", ["loss.icd.lambda_ext=0"]),
     ("external only", ["loss.icd.lambda_int=0"]),
-    ("stats: channel (mean, std, max)", ["loss.icd.stats=[mean,std,max]"]),
-    ("stats: spatial (spatial_mean, spatial_std)", ["loss.icd.stats=[spatial_mean,spatial_std]"]),
     ("MSCA learned", ["loss.icd.msca=learned"]),
-    ("tau 0.5", ["loss.icd.tau=0.5"]),
-    ("tau 2", ["loss.icd.tau=2.0"]),
-    ("lambda_int x10 (10)", ["loss.icd.lambda_int=10"]),
-    ("lambda_ext x10 (100)", ["loss.icd.lambda_ext=100"]),
 )
-# --smoke: one method pair on 6-5, a few iterations on a few images, tiny crops.
+# The second evaluation set: one training drive, left out of training in every run here.
+HELDOUT_DRIVE = "0006R0"
+EVAL_SETS = ("val", "heldout")
+EVAL_SET_NAMES = {"val": "val (drive 0016E5)", "heldout": f"held-out drive {HELDOUT_DRIVE}"}
+METRICS = ("old", "new", "all", "hiou")
+# Targets of the main task (issue 18): joint new-class mIoU, step 0 on its classes, ft's old.
+TARGETS = (("joint new-class mIoU", "joint", "new", ">=", 25.0),
+           ("step-0 mIoU on its classes", "step 0 (shared)", "all", ">=", 60.0),
+           ("ft old-class mIoU (it must forget)", "ft", "old", "<=", 10.0))
+# --smoke: one method pair on large-2s, a few iterations on a few images, tiny crops.
 SMOKE_OVERRIDES = ["optim.iterations=3", "optim.iterations_incremental=2", "data.crop_size=64",
                    "data.eval_size=64", "optim.batch_size=4"]
-SMOKE_IMAGES = (24, 8)  # train, val
+SMOKE_IMAGES = {"train": 24, "heldout": 8, "val": 8}
 
 
 @dataclass
 class Job:
-    """One `python -m icd_dist.run` invocation and what it produced."""
+    """One `python -m icd_dist.run` (or, kind "eval", `python -m icd_dist.evaluate` on the
+    held-out set) invocation and what it produced."""
 
     key: str            # unique id, also the run name
-    kind: str           # step0 | joint | method | ablation
+    kind: str           # step0 | joint | method | ablation | eval
     label: str          # the row label (method name or ablation variant)
-    task: str           # "6-5", "6-1", "offline" or "step0"
+    task: str           # the task ("large-2s", ...), "step0-<family>" or "joint-<family>"
     seed: int
     config: str
     overrides: list[str]
     extra_args: list[str] = field(default_factory=list)
-    needs: str | None = None   # key of the job whose step 0 this one takes
+    needs: str | None = None   # key of the job that must finish first (its step 0, its run)
+    family: str = "large"
     wall_s: float | None = None
-    summary: dict | None = None
+    summary: dict | None = None   # the run's summary.json
+    heldout: dict | None = None   # its last step's metrics on the held-out set
 
     def command(self, python: str = "python") -> list[str]:
-        """The command line of this run."""
+        """The command line of this job."""
+        if self.kind == "eval":
+            return [python, "-m", "icd_dist.evaluate", *self.extra_args]
         return [python, "-m", "icd_dist.run", "--config", self.config, *self.overrides,
                 *self.extra_args]
 
 
-def build_shards(camvid: Path, work: Path, smoke: bool) -> tuple[Path, Path]:
-    """CamVid train and val shards in work/shards (kept between runs of the tool)."""
+def split_lists(camvid: Path, smoke: bool) -> dict[str, list[str]]:
+    """The sample lines ("IMAGE LABEL") of the three sets: train = CamVid train without drive
+    HELDOUT_DRIVE, heldout = that drive, val = CamVid val."""
+    train = (camvid / "train.txt").read_text().splitlines()
+    out = {"train": [ln for ln in train if ln.strip() and f"/{HELDOUT_DRIVE}_" not in ln],
+           "heldout": [ln for ln in train if f"/{HELDOUT_DRIVE}_" in ln],
+           "val": [ln for ln in (camvid / "val.txt").read_text().splitlines() if ln.strip()]}
+    if not out["heldout"]:
+        raise SystemExit(f"no image of drive {HELDOUT_DRIVE} in {camvid / 'train.txt'}")
+    if smoke:
+        out = {name: lines[:SMOKE_IMAGES[name]] for name, lines in out.items()}
+    return out
+
+
+def build_shards(camvid: Path, work: Path, smoke: bool) -> dict[str, Path]:
+    """Train (without the held-out drive), held-out and val shards in work/shards (kept
+    between runs of the tool); their folders by set name."""
     from icd_dist.shards import main as shards_main
 
-    out = []
-    for split, count in (("train", SMOKE_IMAGES[0]), ("val", SMOKE_IMAGES[1])):
-        folder = work / "shards" / split
-        args = ["build", "--dataset", "camvid", "--root", str(camvid), "--split", split,
-                "--out", str(folder)]
-        if smoke:
-            lines = (camvid / f"{split}.txt").read_text().splitlines()[:count]
-            listing = work / f"{split}_smoke.txt"
-            listing.write_text("\n".join(lines) + "\n")
-            args += ["--list", str(listing)]
+    folders = {}
+    for name, lines in split_lists(camvid, smoke).items():
+        # the folder names the split: a full-train folder of an older tool is never reused
+        folder = work / "shards" / {"train": f"train_minus_{HELDOUT_DRIVE}",
+                                    "heldout": f"heldout_{HELDOUT_DRIVE}", "val": "val"}[name]
+        listing = work / "shards" / f"{folder.name}.txt"
         if not (folder / "manifest.json").is_file():
-            print(f"building CamVid {split} shards in {folder}", flush=True)
-            if shards_main(args) != 0:
-                raise SystemExit(f"building the {split} shards failed")
-        out.append(folder)
-    return out[0], out[1]
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            listing.write_text("\n".join(lines) + "\n")
+            print(f"building CamVid {name} shards ({len(lines)} images) in {folder}",
+                  flush=True)
+            split = "val" if name == "val" else "train"
+            if shards_main(["build", "--dataset", "camvid", "--root", str(camvid), "--split",
+                            split, "--out", str(folder), "--list", str(listing)]) != 0:
+                raise SystemExit(f"building the {name} shards failed")
+        folders[name] = folder
+    return folders
 
 
-def plan(args, train: Path, val: Path, runs: Path) -> list[Job]:
-    """Every run of the table, step-0 jobs first."""
-    common = [f"data.train_shards={train}", f"data.eval_shards={val}",
+def _ablation_key(task: str, overrides: list[str], seed: int) -> str:
+    # named by its overrides: a changed variant never reuses an old run's folder
+    slug = re.sub(r"[^a-z0-9]+", "-", " ".join(overrides).replace("loss.icd.", ""))
+    return f"{task}-icd-{slug.strip('-')}-s{seed}"
+
+
+def plan(args, shards: dict[str, Path], runs: Path) -> list[Job]:
+    """Every run of the benchmark, each followed by its held-out evaluation; in the order
+    they are started (evaluations as soon as their run is done, step-0 runs first)."""
+    common = [f"data.train_shards={shards['train']}", f"data.eval_shards={shards['val']}",
               f"run.storage_path={runs}", *(SMOKE_OVERRIDES if args.smoke else [])]
+    tasks = list(args.tasks)
+    if args.ablation_task and args.ablation_task not in tasks:
+        tasks.append(args.ablation_task)
+    families = list(dict.fromkeys(TASK_FAMILY[t] for t in tasks))
     jobs: list[Job] = []
     for seed in args.seeds:
         base = [*common, f"run.seed={seed}"]
-        step0 = f"step0-s{seed}"
-        if args.ablation_task or any(m not in OWN_STEP0 for m in args.methods):
-            jobs.append(Job(step0, "step0", "step 0 (shared)", "step0", seed,
-                            "configs/camvid/6-5_ft.yaml", [*base, f"run.name={step0}"],
-                            ["--last-step", "0"]))
-        own = {}  # method -> its own step-0 job's key
-        for method in (m for m in args.methods if m in OWN_STEP0):
-            prefix, label = OWN_STEP0[method]
-            own[method] = f"{prefix}-s{seed}"
-            jobs.append(Job(own[method], "step0", label, "step0", seed,
-                            f"configs/camvid/6-5_{method}.yaml",
-                            [*base, f"run.name={own[method]}"], ["--last-step", "0"]))
-        if not args.smoke and getattr(args, "joint", True):
-            jobs.append(Job(f"joint-s{seed}", "joint", "joint", "offline", seed,
-                            "configs/camvid/joint.yaml", [*base, f"run.name=joint-s{seed}"]))
-        for task in args.tasks:
-            for method in args.methods:
-                key = f"{task}-{method}-s{seed}"
-                needs = own.get(method, step0)
-                jobs.append(Job(key, "method", method, task, seed,
-                                f"configs/camvid/{task}_{method}.yaml",
-                                [*base, f"run.name={key}"],
-                                ["--step0-from", str(runs / needs)], needs=needs))
-        if args.ablation_task:
-            for label, overrides in ABLATION:
-                # named by its overrides: a changed variant never reuses an old run's folder
-                slug = re.sub(r"[^a-z0-9]+", "-", " ".join(overrides).replace("loss.icd.", ""))
-                key = f"{args.ablation_task}-icd-{slug.strip('-')}-s{seed}"
-                jobs.append(Job(key, "ablation", label, args.ablation_task, seed,
-                                f"configs/camvid/{args.ablation_task}_icd.yaml",
-                                [*base, *overrides, f"run.name={key}"],
-                                ["--step0-from", str(runs / step0)], needs=step0))
-    # longest first once step 0 is there: 6-1 runs (five steps) before one-step runs
-    order = {"step0": 0, "joint": 1}
-    return sorted(jobs, key=lambda j: (order.get(j.kind, 2), j.task != "6-1"))
+        for fam in families:
+            spec = FAMILIES[fam]
+            fam_tasks = [t for t in args.tasks if TASK_FAMILY[t] == fam]
+            step0 = f"step0-{fam}-s{seed}"
+            ce_needed = (args.ablation_task and TASK_FAMILY[args.ablation_task] == fam) or (
+                fam_tasks and any(m not in OWN_STEP0 for m in args.methods))
+            if ce_needed:
+                jobs.append(Job(step0, "step0", "step 0 (shared)", f"step0-{fam}", seed,
+                                f"configs/camvid/{spec.step0_task}_ft.yaml",
+                                [*base, f"run.name={step0}"], ["--last-step", "0"],
+                                family=fam))
+            own = {}  # method -> its own step-0 job's key
+            for method in (m for m in args.methods if m in OWN_STEP0 and fam_tasks):
+                prefix, label = OWN_STEP0[method]
+                own[method] = f"{prefix}-{fam}-s{seed}"
+                jobs.append(Job(own[method], "step0", label, f"step0-{fam}", seed,
+                                f"configs/camvid/{spec.step0_task}_{method}.yaml",
+                                [*base, f"run.name={own[method]}"], ["--last-step", "0"],
+                                family=fam))
+            if not args.smoke and getattr(args, "joint", True) and fam_tasks:
+                key = f"joint-{fam}-s{seed}"
+                jobs.append(Job(key, "joint", "joint", f"joint-{fam}", seed, spec.joint_config,
+                                [*base, f"run.name={key}"], family=fam))
+            for task in fam_tasks:
+                for method in args.methods:
+                    key = f"{task}-{method}-s{seed}"
+                    needs = own.get(method, step0)
+                    jobs.append(Job(key, "method", method, task, seed,
+                                    f"configs/camvid/{task}_{method}.yaml",
+                                    [*base, f"run.name={key}"],
+                                    ["--step0-from", str(runs / needs)], needs=needs,
+                                    family=fam))
+            if args.ablation_task and TASK_FAMILY[args.ablation_task] == fam:
+                for label, overrides in ABLATION:
+                    key = _ablation_key(args.ablation_task, overrides, seed)
+                    jobs.append(Job(key, "ablation", label, args.ablation_task, seed,
+                                    f"configs/camvid/{args.ablation_task}_icd.yaml",
+                                    [*base, *overrides, f"run.name={key}"],
+                                    ["--step0-from", str(runs / step0)], needs=step0,
+                                    family=fam))
+    evals = [Job(f"{j.key}-heldout", "eval", j.label, j.task, j.seed, "", [],
+                 ["--run", str(runs / j.key), "--data", str(shards["heldout"]), "--json"],
+                 needs=j.key, family=j.family) for j in jobs]
+    # evaluations first (started the moment their run ends), then step 0, joint, and the
+    # longest continual runs (more steps) before the one-step ones
+    order = {"eval": 0, "step0": 1, "joint": 2}
+    return sorted([*jobs, *evals], key=lambda j: (order.get(j.kind, 3), j.task not in
+                                                  ("large-4s", "6-1")))
 
 
 def start_ray(cpus: int, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
@@ -247,14 +323,32 @@ def _clock(start: float) -> str:
     return f"{s // 60:3d}:{s % 60:02d}"
 
 
-def _final(job: Job) -> dict:
-    return job.summary["steps"][-1]
+def read_outputs(jobs: list[Job], runs: Path, logs: Path) -> list[Job]:
+    """Attach every run's summary.json and its held-out metrics (the JSON line its eval job
+    printed); the run jobs, without the eval jobs."""
+    by_key = {j.key: j for j in jobs}
+    for job in jobs:
+        if job.kind == "eval":
+            lines = [ln for ln in (logs / f"{job.key}.log").read_text().splitlines()
+                     if ln.startswith("{")]
+            if not lines:
+                raise SystemExit(f"{job.key}: no JSON in {logs / (job.key + '.log')}")
+            by_key[job.needs].heldout = json.loads(lines[-1])
+        else:
+            job.summary = json.loads((runs / job.key / "summary.json").read_text())
+    return [j for j in jobs if j.kind != "eval"]
 
 
-def scores(job: Job, old_names: list[str]) -> dict:
-    """old / new / all mIoU and hIoU (percent) after the last step of `job`. For joint, old
-    and new are its per-class IoUs split as the continual tasks split them."""
-    last = _final(job)
+def _last(job: Job, eval_set: str) -> dict:
+    return job.summary["steps"][-1] if eval_set == "val" else job.heldout
+
+
+def scores(job: Job, old_names: list[str], eval_set: str = "val") -> dict:
+    """old / new / all mIoU and hIoU (percent) after the last step of `job`, on `eval_set`
+    (val: the run's own evaluation; heldout: the held-out drive). For joint, old and new are
+    its per-class IoUs split as the continual tasks split them (`old_names`: the step-0
+    classes)."""
+    last = _last(job, eval_set)
     if job.kind == "joint":
         iou = last["per_class_iou"]
         old = [v for k, v in iou.items() if k in old_names and v is not None]
@@ -275,69 +369,257 @@ def trained_seconds(job: Job) -> float:
     return sum(s["seconds"] for s in steps if s["step"] > 0 or job.kind in ("step0", "joint"))
 
 
-def aggregate(jobs: list[Job], old_names: list[str]) -> list[dict]:
-    """One row per (kind, task, label): the mean and the spread (population std) over seeds
-    of every score, the per-seed values, the mean wall time and the command of seed 0."""
+def _spread_stats(per_seed: list[dict]) -> dict:
+    out = {}
+    for metric in METRICS:
+        values = [s[metric] for s in per_seed if s[metric] is not None]
+        out[metric] = statistics.fmean(values) if values else None
+        out[f"{metric}_std"] = statistics.pstdev(values) if len(values) > 1 else None
+    return out
+
+
+def _per_class(jobs: list[Job], eval_set: str) -> dict:
+    names = list(_last(jobs[0], eval_set)["per_class_iou"])
+    out = {}
+    for name in names:
+        values = [_last(j, eval_set)["per_class_iou"].get(name) for j in jobs]
+        values = [100 * v for v in values if v is not None]
+        out[name] = ({"mean": statistics.fmean(values),
+                      "std": statistics.pstdev(values) if len(values) > 1 else None}
+                     if values else None)
+    return out
+
+
+def aggregate(jobs: list[Job], old_names: dict[str, list[str]]) -> list[dict]:
+    """One row per (kind, task, label): for each eval set (val; heldout where the job has
+    held-out metrics) the mean and the spread (population std) over seeds of every score,
+    the per-seed values and the per-class IoU; the mean wall time and the command of the
+    first seed. `old_names`: each family's step-0 classes."""
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault((job.kind, job.task, job.label), []).append(job)
     rows = []
     for (kind, task, label), group in groups.items():
-        per_seed = [scores(j, old_names) for j in group]
-        row = {"kind": kind, "task": task, "label": label,
-               "seeds": [j.seed for j in group], "per_seed": per_seed,
+        group = sorted(group, key=lambda j: j.seed)
+        names = old_names[group[0].family]
+        row = {"kind": kind, "task": task, "label": label, "family": group[0].family,
+               "seeds": [j.seed for j in group],
                "wall_min": statistics.fmean(j.wall_s for j in group) / 60,
                "train_s": statistics.fmean(trained_seconds(j) for j in group),
                "command": " ".join(group[0].command())}
-        for metric in ("old", "new", "all", "hiou"):
-            values = [s[metric] for s in per_seed if s[metric] is not None]
-            row[metric] = statistics.fmean(values) if values else None
-            row[f"{metric}_std"] = statistics.pstdev(values) if len(values) > 1 else None
+        for eval_set in EVAL_SETS:
+            if eval_set == "heldout" and any(j.heldout is None for j in group):
+                row[eval_set] = None
+                continue
+            per_seed = [scores(j, names, eval_set) for j in group]
+            row[eval_set] = {"per_seed": per_seed, **_spread_stats(per_seed),
+                             "per_class": _per_class(group, eval_set)}
         rows.append(row)
     return rows
 
 
-def _cell(row: dict, metric: str) -> str:
-    value = row[metric]
-    if value is None:
+def verdict(diffs: list[float], spread: float | None) -> str:
+    """The reading of one paired difference (A minus B per seed): "higher" (A above B) or
+    "lower" only when the difference has the same sign on every seed and its mean exceeds
+    the spread (the larger of the two rows' population stds over seeds); otherwise
+    "not settled" (with one seed there is no spread: never settled)."""
+    if len(diffs) < 2 or spread is None:
+        return "not settled (one seed)"
+    mean = statistics.fmean(diffs)
+    if all(d > 0 for d in diffs) and mean > spread:
+        return "higher"
+    if all(d < 0 for d in diffs) and -mean > spread:
+        return "lower"
+    return "not settled"
+
+
+def paired(row_a: dict, row_b: dict, eval_set: str, metric: str) -> dict | None:
+    """Row A minus row B on one metric and eval set, seed by seed (the seeds both have),
+    with its mean, the spread and the verdict; None where either has no value."""
+    if row_a.get(eval_set) is None or row_b.get(eval_set) is None:
+        return None
+    a = dict(zip(row_a["seeds"], (s[metric] for s in row_a[eval_set]["per_seed"]), strict=True))
+    b = dict(zip(row_b["seeds"], (s[metric] for s in row_b[eval_set]["per_seed"]), strict=True))
+    seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None]
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    stds = [row[eval_set][f"{metric}_std"] for row in (row_a, row_b)]
+    spread = None if None in stds else max(stds)
+    return {"a": row_a["label"], "b": row_b["label"], "task": row_a["task"],
+            "eval_set": eval_set, "metric": metric, "seeds": seeds, "diffs": diffs,
+            "mean": statistics.fmean(diffs), "spread": spread,
+            "verdict": verdict(diffs, spread)}
+
+
+def comparisons(rows: list[dict], ablation_task: str | None) -> list[dict]:
+    """Every paired difference the benchmark reads: ICD minus each other method of each task,
+    each ablation variant minus the full ICD, on every metric and both eval sets."""
+    out = []
+    for task in TASKS:
+        methods = {r["label"]: r for r in rows if r["kind"] == "method" and r["task"] == task}
+        if REFERENCE not in methods:
+            continue
+        pairs = [(methods[REFERENCE], r) for label, r in methods.items() if label != REFERENCE]
+        if task == ablation_task:
+            pairs += [(r, methods[REFERENCE]) for r in rows
+                      if r["kind"] == "ablation" and r["task"] == task]
+        for a, b in pairs:
+            for eval_set in EVAL_SETS:
+                for metric in METRICS:
+                    p = paired(a, b, eval_set, metric)
+                    if p is not None:
+                        out.append({**p, "kind": "ablation" if a["kind"] == "ablation"
+                                    else "method"})
+    return out
+
+
+def disagreements(pairs: list[dict]) -> list[dict]:
+    """The comparisons whose verdict on val differs from the one on the held-out drive."""
+    by = {}
+    for p in pairs:
+        by.setdefault((p["task"], p["a"], p["b"], p["metric"]), {})[p["eval_set"]] = p
+    return [{"task": t, "a": a, "b": b, "metric": m, "val": d["val"]["verdict"],
+             "heldout": d["heldout"]["verdict"]}
+            for (t, a, b, m), d in by.items()
+            if "val" in d and "heldout" in d and d["val"]["verdict"] != d["heldout"]["verdict"]]
+
+
+def check_targets(rows: list[dict], task: str) -> list[dict]:
+    """Issue 18's targets on the val set for `task`'s family: each with its measured mean."""
+    fam = TASK_FAMILY[task]
+    out = []
+    for name, label, metric, op, bound in TARGETS:
+        row = next((r for r in rows if r["label"] == label and r["family"] == fam and
+                    r["task"] in (task, f"step0-{fam}", f"joint-{fam}")), None)
+        value = None if row is None or row["val"] is None else row["val"][metric]
+        ok = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        out.append({"target": f"{name} {op} {bound:g}", "value": value, "met": ok})
+    return out
+
+
+def _cell(stats: dict | None, metric: str) -> str:
+    if stats is None or stats[metric] is None:
         return "-"
-    spread = row[f"{metric}_std"]
-    return f"{value:.1f}" if spread is None else f"{value:.1f} ± {spread:.1f}"
+    spread = stats[f"{metric}_std"]
+    return f"{stats[metric]:.1f}" if spread is None else f"{stats[metric]:.1f} ± {spread:.1f}"
+
+
+def _task_title(task: str) -> str:
+    fam = FAMILIES[TASK_FAMILY[task]]
+    return f"CamVid {task} (step 0: {fam.step0_classes})"
+
+
+TABLE_HEAD = ("| {first} | val old | val new | val all | val hIoU | held-out old | "
+              "held-out new | held-out all | held-out hIoU | wall (min) |\n"
+              "|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def _table_line(r: dict, label: str | None = None) -> str:
+    cells = [_cell(r[e], m) for e in EVAL_SETS for m in METRICS]
+    return f"| {label or r['label']} | " + " | ".join(cells) + f" | {r['wall_min']:.1f} |\n"
+
+
+def _pairs_table(pairs: list[dict], title: str) -> str:
+    if not pairs:
+        return ""
+    seeds = pairs[0]["seeds"]
+    out = (f"{title}\n\n| A minus B | eval set | metric | "
+           + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | reading |\n"
+           + "|---" * (6 + len(seeds)) + "|\n")
+    for p in pairs:
+        diffs = dict(zip(p["seeds"], p["diffs"], strict=True))
+        cells = " | ".join(f"{diffs[s]:+.1f}" if s in diffs else "-" for s in seeds)
+        spread = "-" if p["spread"] is None else f"{p['spread']:.1f}"
+        out += (f"| {p['a']} - {p['b']} | {EVAL_SET_NAMES[p['eval_set']]} | {p['metric']} | "
+                f"{cells} | {p['mean']:+.1f} | {spread} | {p['verdict']} |\n")
+    return out
 
 
 def format_tables(rows: list[dict], ablation_task: str | None) -> str:
-    """The markdown of results.md's tables."""
-    head = ("| {first} | old | new | all | hIoU | wall (min) |\n"
-            "|---|---|---|---|---|---|\n")
+    """The markdown of results.md's tables: per task the methods and joint on both eval
+    sets, the paired differences (ICD minus each method), the shared step 0s, the targets;
+    then the ablation and its paired differences."""
+    pairs = comparisons(rows, ablation_task)
     out = []
     for task in TASKS:
         body = [r for r in rows if r["task"] == task and r["kind"] == "method"]
         if not body:
             continue
-        out.append(f"**CamVid {task}** (mIoU %, after the last step)\n\n"
-                   + head.format(first="method"))
-        for r in [*body, *[r for r in rows if r["kind"] == "joint"]]:
-            out[-1] += (f"| {r['label']} | {_cell(r, 'old')} | {_cell(r, 'new')} | "
-                        f"{_cell(r, 'all')} | {_cell(r, 'hiou')} | {r['wall_min']:.1f} |\n")
-    for r in (r for r in rows if r["kind"] == "step0"):
-        if r["label"] == "step 0 (shared)":
-            out.append(f"Shared step 0 (background + 6 classes, trained once per seed and "
-                       f"reused by every continual run of the CE-trained methods): mIoU "
-                       f"{_cell(r, 'all')}, {r['wall_min']:.1f} min.\n")
-        else:
-            out.append(f"{r['label'][0].upper()}{r['label'][1:]} (trained once per seed for "
-                       f"its rows): mIoU {_cell(r, 'all')}, {r['wall_min']:.1f} min.\n")
+        fam = TASK_FAMILY[task]
+        out.append(f"**{_task_title(task)}** (mIoU %, after the last step, mean ± std over "
+                   "seeds)\n\n" + TABLE_HEAD.format(first="method")
+                   + "".join(_table_line(r) for r in body)
+                   + "".join(_table_line(r) for r in rows
+                             if r["kind"] == "joint" and r["family"] == fam))
+        for r in (r for r in rows if r["kind"] == "step0" and r["family"] == fam):
+            out[-1] += _table_line(r, r["label"])
+        if task in MAIN_TASKS:
+            lines = [f"- {t['target']}: "
+                     + ("not measured" if t["value"] is None else
+                        f"{t['value']:.1f} ({'met' if t['met'] else 'NOT met'})")
+                     for t in check_targets(rows, task)]
+            out.append(f"Targets on val ({task}):\n" + "\n".join(lines) + "\n")
+        out.append(_pairs_table([p for p in pairs if p["task"] == task and
+                                 p["kind"] == "method"],
+                                f"**Paired differences on {task}** (percentage points, per "
+                                "seed; reading: higher/lower only with the same sign on "
+                                "every seed and a mean beyond the spread, the larger std of "
+                                "the two rows)"))
     abl = [r for r in rows if r["kind"] == "ablation"]
     if abl:
-        full = [r for r in rows if r["kind"] == "method" and r["label"] == "icd"
+        full = [r for r in rows if r["kind"] == "method" and r["label"] == REFERENCE
                 and r["task"] == ablation_task]
-        out.append(f"**ICD ablation on CamVid {ablation_task}** (mIoU %, after the last "
-                   "step)\n\n" + head.format(first="variant"))
-        for r in [*({**f, "label": "full (int + ext, all stats, fixed MSCA, tau 1)"}
-                    for f in full), *abl]:
-            out[-1] += (f"| {r['label']} | {_cell(r, 'old')} | {_cell(r, 'new')} | "
-                        f"{_cell(r, 'all')} | {_cell(r, 'hiou')} | {r['wall_min']:.1f} |\n")
-    return "\n".join(out)
+        out.append(f"**ICD ablation on {_task_title(ablation_task)}** (mIoU %, after the last "
+                   "step)\n\n" + TABLE_HEAD.format(first="variant")
+                   + "".join(_table_line(r, "full (int + ext, all stats, fixed MSCA, tau 1)")
+                             for r in full)
+                   + "".join(_table_line(r) for r in abl))
+        out.append(_pairs_table([p for p in pairs if p["kind"] == "ablation"],
+                                "**Ablation: each variant minus the full ICD** (same rule)"))
+    dis = disagreements(pairs)
+    if dis:
+        out.append("**Where val and the held-out drive disagree** (the reading differs):\n\n"
+                   + "\n".join(f"- {d['task']}: {d['a']} - {d['b']}, {d['metric']}: val "
+                               f"{d['val']}, held-out {d['heldout']}" for d in dis) + "\n")
+    return "\n".join(o for o in out if o)
+
+
+def plot_per_class(rows: list[dict], task: str, path: Path) -> Path | None:
+    """A figure of per-class IoU (mean over seeds, std as error bars) per method and joint
+    on `task`, one panel per eval set; None when the task has no method rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fam = TASK_FAMILY[task]
+    body = [r for r in rows if r["kind"] == "method" and r["task"] == task]
+    body += [r for r in rows if r["kind"] == "joint" and r["family"] == fam]
+    if not body:
+        return None
+    eval_sets = [e for e in EVAL_SETS if all(r[e] is not None for r in body)]
+    fig, axes = plt.subplots(len(eval_sets), 1, figsize=(11, 3.6 * len(eval_sets)),
+                             squeeze=False)
+    for ax, eval_set in zip(axes[:, 0], eval_sets, strict=True):
+        classes = list(body[-1][eval_set]["per_class"])  # joint (or the last) sees them all
+        width = 0.8 / len(body)
+        for i, r in enumerate(body):
+            pc = r[eval_set]["per_class"]
+            means = [(pc.get(c) or {}).get("mean", 0.0) for c in classes]
+            stds = [(pc.get(c) or {}).get("std") or 0.0 for c in classes]
+            ax.bar([k + (i - (len(body) - 1) / 2) * width for k in range(len(classes))],
+                   means, width, yerr=stds, label=r["label"], capsize=2)
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_ylabel("IoU %")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{task}: {EVAL_SET_NAMES[eval_set]}")
+        ax.legend(ncol=len(body), fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def versions() -> dict:
@@ -355,27 +637,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "css_benchmark",
                    help="shards, run folders and logs (runs already finished there are "
                         "reused: use a new folder for an independent re-run)")
-    p.add_argument("--out", type=Path, help="where results.md and results.json go (default: "
-                   "tools/results/css_benchmark; with --smoke, the smoke folder of --work)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="run.seed of every run; "
-                   "with several, each row is their mean ± population std")
+    p.add_argument("--out", type=Path, help="where results.md, results.json and the figures "
+                   "go (default: tools/results/css_benchmark; with --smoke, the smoke folder "
+                   "of --work)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="run.seed of every run; each row is their mean ± population std")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="continual methods of the main table")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS,
-                   help="CamVid tasks of the main table")
-    p.add_argument("--ablation-task", default="6-5", choices=[*TASKS, "none"],
-                   help="the task of the ICD ablation (none: no ablation); 6-5 by default, "
-                        "which keeps the whole table within an hour on 2 cores")
+    p.add_argument("--tasks", nargs="+", default=list(MAIN_TASKS), choices=TASKS,
+                   help="CamVid tasks (default: large-2s, the main table)")
+    p.add_argument("--ablation-task", default="large-2s", choices=[*TASKS, "none"],
+                   help="the task of the ICD ablation (none: no ablation)")
     p.add_argument("--no-joint", dest="joint", action="store_false",
                    help="leave out the joint upper bound")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
-    p.add_argument("--smoke", action="store_true", help="ft and icd on 6-5 only, tiny "
+    p.add_argument("--smoke", action="store_true", help="ft and icd on large-2s only, tiny "
                    "budget and data, no joint and no ablation: an end-to-end check")
     args = p.parse_args(argv)
     # SIGTERM ends the tool as Ctrl-C does: its runs and its Ray are stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.smoke:
-        args.methods, args.tasks, args.ablation_task = ["ft", "icd"], ["6-5"], "none"
+        args.methods, args.tasks, args.ablation_task = ["ft", "icd"], ["large-2s"], "none"
         # its own shards and runs: a full table in the same folder must not reuse them
         args.work = args.work / "smoke"
     if args.out is None:  # a smoke check never overwrites the committed table
@@ -383,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     args.ablation_task = None if args.ablation_task == "none" else args.ablation_task
     if args.ablation_task and "icd" not in args.methods:
         args.methods.append("icd")  # the ablation's reference row
+    if args.ablation_task and args.ablation_task not in args.tasks:
+        args.tasks.append(args.ablation_task)  # the full ICD row it is paired with
     if not (args.camvid / "train.txt").is_file():
         print(f"error: no CamVid at {args.camvid} (need train.txt, val.txt and the images; "
               "see ../shared/data/camvid/README.md)", file=sys.stderr)
@@ -390,22 +674,24 @@ def main(argv: list[str] | None = None) -> int:
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    train, val = build_shards(args.camvid.resolve(), args.work, args.smoke)
-    jobs = plan(args, train, val, args.work / "runs")
-    print(f"{len(jobs)} runs, {args.parallel} at a time; logs in {args.work / 'logs'}",
-          flush=True)
+    shards = build_shards(args.camvid.resolve(), args.work, args.smoke)
+    runs, logs = args.work / "runs", args.work / "logs"
+    jobs = plan(args, shards, runs)
+    print(f"{sum(j.kind != 'eval' for j in jobs)} runs and their held-out evaluations, "
+          f"{args.parallel} at a time; logs in {logs}", flush=True)
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep)
-    head, ray_temp = start_ray(args.parallel, env, args.work / "logs" / "ray_head.log")
+    head, ray_temp = start_ray(args.parallel, env, logs / "ray_head.log")
     try:
-        run_jobs(jobs, args.parallel, env, args.work / "logs")
+        run_jobs(jobs, args.parallel, env, logs)
     finally:
         stop_ray(head, ray_temp)
-    for job in jobs:
-        job.summary = json.loads((args.work / "runs" / job.key / "summary.json").read_text())
-    old_names = list(_final(next(j for j in jobs if j.kind == "step0"))["per_class_iou"])
+    jobs = read_outputs(jobs, runs, logs)
+    old_names = {}
+    for job in (j for j in jobs if j.kind == "step0"):
+        old_names.setdefault(job.family, list(job.summary["steps"][-1]["per_class_iou"]))
     rows = aggregate(jobs, old_names)
     total_min = (time.perf_counter() - started) / 60
     device = f"CPU: {cpu_name()}, {os.cpu_count()} cores"
@@ -413,16 +699,31 @@ def main(argv: list[str] | None = None) -> int:
                                                             else sys.argv[1:])
     tables = format_tables(rows, args.ablation_task)
     args.out.mkdir(parents=True, exist_ok=True)
+    figures = [f for task in TASKS if task in args.tasks
+               if (f := plot_per_class(rows, task, args.out / f"per_class_iou_{task}.png"))]
+    sets = split_lists(args.camvid.resolve(), args.smoke)
     meta = {"command": command.strip(), "date": dt.date.today().isoformat(), "device": device,
             "versions": versions(), "total_min": total_min, "seeds": args.seeds,
-            "parallel": args.parallel, "smoke": args.smoke}
-    (args.out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+            "parallel": args.parallel, "smoke": args.smoke,
+            "eval_sets": {name: {"description": EVAL_SET_NAMES.get(name, name),
+                                 "images": len(sets[name])} for name in EVAL_SETS},
+            "train_images": len(sets["train"]), "heldout_drive": HELDOUT_DRIVE,
+            "figures": [f.name for f in figures]}
+    pairs = comparisons(rows, args.ablation_task)
+    (args.out / "results.json").write_text(json.dumps(
+        {**meta, "rows": rows, "paired": pairs, "disagreements": disagreements(pairs),
+         "targets": {t: check_targets(rows, t) for t in args.tasks if t in MAIN_TASKS}},
+        indent=2))
     (args.out / "results.md").write_text(
         f"# CamVid continual segmentation ({'smoke check' if args.smoke else 'benchmark'})\n\n"
         f"`{meta['command']}`: {total_min:.1f} min on {device}, "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-        + f", {args.parallel} runs at a time, seeds {args.seeds}. Every continual run starts "
-        "from the same step 0; budgets in configs/camvid/.\n\n" + tables)
+        + f", {args.parallel} runs at a time, seeds {args.seeds}. Trained on CamVid train "
+        f"without drive {HELDOUT_DRIVE} ({len(sets['train'])} images); every run scored on "
+        f"val ({len(sets['val'])} images, drive 0016E5) and on the held-out drive "
+        f"{HELDOUT_DRIVE} ({len(sets['heldout'])} images). Every continual run of a task "
+        "family starts from its seed's shared step 0; budgets in configs/camvid/.\n\n"
+        + tables + "".join(f"\n![per-class IoU]({f.name})\n" for f in figures))
     print(tables)
     print(f"total {total_min:.1f} min; wrote {args.out / 'results.md'} and "
           f"{args.out / 'results.json'}")
