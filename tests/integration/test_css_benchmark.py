@@ -1,6 +1,6 @@
-"""tools/css_benchmark.py --smoke on real CamVid images: one method pair (ft, icd) on 6-5
+"""tools/css_benchmark.py --smoke on real CamVid images: one method pair (ft, icd) on large-2s
 from one shared step 0 per seed, two seeds, every run through `python -m icd_dist.run` on the
-tool's own Ray."""
+tool's own Ray and scored on val and on the held-out drive (out of training)."""
 
 import json
 import os
@@ -26,24 +26,42 @@ def test_smoke_benchmark_writes_the_table_from_one_shared_step0(tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     results = json.loads((out / "results.json").read_text())
     rows = {(r["kind"], r["task"], r["label"]): r for r in results["rows"]}
-    assert set(rows) == {("step0", "step0", "step 0 (shared)"), ("method", "6-5", "ft"),
-                         ("method", "6-5", "icd")}
+    assert set(rows) == {("step0", "step0-large", "step 0 (shared)"),
+                         ("method", "large-2s", "ft"), ("method", "large-2s", "icd")}
     for row in rows.values():
-        assert 0.0 <= row["all"] <= 100.0 and row["wall_min"] > 0
-        assert row["seeds"] == [0, 1] and len(row["per_seed"]) == 2
-        values = [s["all"] for s in row["per_seed"]]
-        assert row["all"] == pytest.approx(sum(values) / 2)
-        assert row["all_std"] == pytest.approx(abs(values[0] - values[1]) / 2)
+        assert row["seeds"] == [0, 1] and row["wall_min"] > 0
+        for eval_set in ("val", "heldout"):
+            stats = row[eval_set]
+            assert 0.0 <= stats["all"] <= 100.0 and len(stats["per_seed"]) == 2
+            values = [s["all"] for s in stats["per_seed"]]
+            assert stats["all"] == pytest.approx(sum(values) / 2)
+            assert stats["all_std"] == pytest.approx(abs(values[0] - values[1]) / 2)
     for method in ("ft", "icd"):
-        row = rows[("method", "6-5", method)]
-        assert row["new"] is not None and row["hiou"] is not None
-        assert "--step0-from" in row["command"] and f"6-5_{method}.yaml" in row["command"]
-    assert "--last-step 0" in rows[("step0", "step0", "step 0 (shared)")]["command"]
+        row = rows[("method", "large-2s", method)]
+        assert row["val"]["new"] is not None and row["heldout"]["hiou"] is not None
+        assert "--step0-from" in row["command"] and f"large-2s_{method}.yaml" in row["command"]
+    assert "--last-step 0" in rows[("step0", "step0-large", "step 0 (shared)")]["command"]
     assert results["versions"]["torch"] and results["smoke"] is True
+    assert results["eval_sets"]["heldout"]["images"] == 8 and results["heldout_drive"]
+    # the held-out scores are the evaluation of each run's last model on the held-out shards
+    from icd_dist.evaluate import evaluate_run
+
+    work = tmp_path / "work" / "smoke"
+    direct = evaluate_run(str(work / "runs" / "large-2s-icd-s1"),
+                          str(work / "shards" / "heldout_0006R0"))
+    assert rows[("method", "large-2s", "icd")]["heldout"]["per_seed"][1]["all"] == \
+        pytest.approx(100 * direct["miou_all"])
+    held = (work / "shards" / "heldout_0006R0.txt").read_text()
+    assert "0006R0" in held and "0006R0" not in (work / "shards" /
+                                                 "train_minus_0006R0.txt").read_text()
+    # ICD minus ft, per seed, on both eval sets
+    assert {(p["b"], p["eval_set"]) for p in results["paired"]} == {("ft", "val"),
+                                                                   ("ft", "heldout")}
+    assert (out / "per_class_iou_large-2s.png").stat().st_size > 0
     # the continual runs took the very model their seed's step 0 trained, not their own
     runs = tmp_path / "work" / "smoke" / "runs"
     by_seed = [{json.loads((runs / f"{name}-s{seed}" / "step_0" / "metrics.json").read_text())
-                ["student_digests"][0] for name in ("step0", "6-5-ft", "6-5-icd")}
+                ["student_digests"][0] for name in ("step0-large", "large-2s-ft", "large-2s-icd")}
                for seed in (0, 1)]
     assert len(by_seed[0]) == len(by_seed[1]) == 1 and by_seed[0] != by_seed[1]
     table = (out / "results.md").read_text()

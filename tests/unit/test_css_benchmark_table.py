@@ -1,5 +1,9 @@
-"""The table arithmetic of tools/css_benchmark.py: the joint row's old/new split, the mean
-and spread over seeds, and the job plan (every continual run from its seed's step 0)."""
+"""The arithmetic of tools/css_benchmark.py, against hand-derived values: the joint row's
+old/new split, the mean and spread over seeds on both eval sets, the paired differences and
+their reading (an ordering only with one sign on every seed and a mean beyond the spread),
+where val and the held-out drive disagree, the targets, the held-out split, and the job plan
+(every continual run from its family's step 0 of its seed, each run evaluated on the
+held-out drive)."""
 
 import argparse
 import importlib.util
@@ -23,75 +27,204 @@ def bench():
     sys.path.remove(str(TOOLS))
 
 
-def job(bench, kind, label, task, seed, last, steps=2):
-    j = bench.Job(f"{task}-{label}-s{seed}", kind, label, task, seed, "c.yaml", ["a=1"])
+def job(bench, kind, label, task, seed, last, steps=2, heldout=None, family="large"):
+    j = bench.Job(f"{task}-{label}-s{seed}", kind, label, task, seed, "c.yaml", ["a=1"],
+                  family=family)
     j.wall_s = 120.0
     j.summary = {"steps": [{"step": s, "seconds": 10.0 * (s + 1), **(last if s == steps - 1
                                                                        else {})}
                            for s in range(steps)]}
+    j.heldout = heldout
     return j
+
+
+def metrics(old, new, all_, hiou=None, iou=None):
+    return {"miou_old": old, "miou_new": new, "miou_all": all_, "hiou": hiou,
+            "per_class_iou": iou or {"background": old, "car": new}}
 
 
 def test_joint_scores_split_its_classes_as_the_continual_tasks(bench):
     iou = {"sky": 0.9, "road": 0.7, "car": 0.4, "bicyclist": 0.0, "background": None}
-    joint = job(bench, "joint", "joint", "offline", 0,
+    joint = job(bench, "joint", "joint", "joint-large", 0,
                 {"per_class_iou": iou, "miou_all": 0.5, "miou_old": 0.5, "miou_new": None,
-                 "hiou": None}, steps=1)
+                 "hiou": None}, steps=1,
+                heldout={"per_class_iou": {"sky": 0.5, "road": 0.3, "car": 0.1,
+                                           "bicyclist": 0.3}, "miou_all": 0.3})
     s = bench.scores(joint, ["background", "sky", "road"])
     assert s["old"] == pytest.approx(80.0) and s["new"] == pytest.approx(20.0)
     assert s["all"] == pytest.approx(50.0) and s["hiou"] == pytest.approx(32.0)
+    h = bench.scores(joint, ["background", "sky", "road"], "heldout")
+    assert h["old"] == pytest.approx(40.0) and h["new"] == pytest.approx(20.0)
+    assert h["hiou"] == pytest.approx(2 * 40 * 20 / 60)
     assert bench.trained_seconds(joint) == pytest.approx(10.0)
 
 
-def test_rows_average_over_seeds_with_population_spread(bench):
-    jobs = [job(bench, "method", "mib", "6-1", seed,
-                {"miou_old": old, "miou_new": 0.1, "miou_all": 0.4, "hiou": None})
-            for seed, old in ((0, 0.6), (1, 0.8))]
-    (row,) = bench.aggregate(jobs, ["background"])
-    assert row["seeds"] == [0, 1]
-    assert row["old"] == pytest.approx(70.0) and row["old_std"] == pytest.approx(10.0)
-    assert row["new"] == pytest.approx(10.0) and row["new_std"] == pytest.approx(0.0)
-    assert row["hiou"] is None and row["wall_min"] == pytest.approx(2.0)
+def test_rows_average_over_seeds_with_population_spread_on_both_eval_sets(bench):
+    jobs = [job(bench, "method", "mib", "large-4s", seed, metrics(old, 0.1, 0.4),
+                heldout=metrics(old / 2, 0.3, 0.2))
+            for seed, old in ((1, 0.8), (0, 0.6))]
+    (row,) = bench.aggregate(jobs, {"large": ["background"]})
+    assert row["seeds"] == [0, 1]  # sorted by seed, per_seed in the same order
+    val, held = row["val"], row["heldout"]
+    assert [s["old"] for s in val["per_seed"]] == pytest.approx([60.0, 80.0])
+    assert val["old"] == pytest.approx(70.0) and val["old_std"] == pytest.approx(10.0)
+    assert val["new"] == pytest.approx(10.0) and val["new_std"] == pytest.approx(0.0)
+    assert held["old"] == pytest.approx(35.0) and held["old_std"] == pytest.approx(5.0)
+    assert val["hiou"] is None and row["wall_min"] == pytest.approx(2.0)
+    assert val["per_class"]["background"] == pytest.approx({"mean": 70.0, "std": 10.0})
     assert row["train_s"] == pytest.approx(20.0)  # the shared step 0 is not this run's
-    assert bench._cell(row, "old") == "70.0 ± 10.0"
-    single = bench.aggregate(jobs[:1], ["background"])[0]
-    assert single["old_std"] is None and bench._cell(single, "old") == "60.0"
+    assert bench._cell(val, "old") == "70.0 ± 10.0"
+    single = bench.aggregate(jobs[:1], {"large": ["background"]})[0]
+    assert single["val"]["old_std"] is None and bench._cell(single["val"], "old") == "80.0"
+    # a row without held-out metrics has none (not zeros)
+    jobs[0].heldout = None
+    assert bench.aggregate(jobs, {"large": ["background"]})[0]["heldout"] is None
 
 
-def test_plan_runs_every_continual_schedule_from_its_seeds_step0(bench, tmp_path):
-    args = argparse.Namespace(seeds=[0, 3], smoke=False, tasks=["6-5", "6-1"],
-                              methods=["ft", "mib", "plop", "icd"], ablation_task="6-1")
-    jobs = bench.plan(args, tmp_path / "t", tmp_path / "v", tmp_path / "runs")
-    per_seed = 1 + 1 + 2 * 4 + len(bench.ABLATION)
-    assert len(jobs) == 2 * per_seed and len({j.key for j in jobs}) == len(jobs)
-    assert [j.kind for j in jobs[:4]] == ["step0", "step0", "joint", "joint"]
-    for j in jobs:
+def test_verdict_needs_one_sign_on_every_seed_and_a_mean_beyond_the_spread(bench):
+    assert bench.verdict([2.0, 3.0, 4.0], 1.5) == "higher"
+    assert bench.verdict([-2.0, -3.0, -4.0], 1.5) == "lower"
+    assert bench.verdict([2.0, 3.0, 4.0], 3.0) == "not settled"      # mean 3 not beyond 3
+    assert bench.verdict([5.0, 6.0, -0.5], 0.1) == "not settled"     # one seed the other way
+    assert bench.verdict([0.0, 2.0, 2.0], 0.1) == "not settled"      # a tie is no sign
+    assert bench.verdict([4.0], None) == "not settled (one seed)"
+
+
+def test_paired_differences_align_seeds_and_take_the_larger_spread(bench):
+    icd = job(bench, "method", "icd", "large-2s", 0, metrics(0.7, 0.4, 0.6))
+    rows_jobs = [icd, job(bench, "method", "icd", "large-2s", 1, metrics(0.9, 0.4, 0.7)),
+                 job(bench, "method", "mib", "large-2s", 1, metrics(0.5, 0.2, 0.4)),
+                 job(bench, "method", "mib", "large-2s", 0, metrics(0.6, 0.2, 0.45))]
+    rows = bench.aggregate(rows_jobs, {"large": ["background"]})
+    by = {r["label"]: r for r in rows}
+    p = bench.paired(by["icd"], by["mib"], "val", "old")
+    # seed 0: 70 - 60, seed 1: 90 - 50; spreads: icd 10, mib 5 -> 10
+    assert p["seeds"] == [0, 1] and p["diffs"] == pytest.approx([10.0, 40.0])
+    assert p["mean"] == pytest.approx(25.0) and p["spread"] == pytest.approx(10.0)
+    assert p["verdict"] == "higher"
+    assert bench.paired(by["icd"], by["mib"], "heldout", "old") is None  # no held-out here
+    pairs = bench.comparisons(rows, None)
+    assert {(q["a"], q["b"], q["metric"]) for q in pairs} == {
+        ("icd", "mib", m) for m in ("old", "new", "all")}  # hIoU: None on every seed
+    new = next(q for q in pairs if q["metric"] == "new")
+    assert new["diffs"] == pytest.approx([20.0, 20.0]) and new["spread"] == pytest.approx(0.0)
+    assert new["verdict"] == "higher"
+
+
+def test_disagreements_name_the_comparisons_whose_reading_differs(bench):
+    base = {"task": "large-2s", "a": "icd", "b": "mib"}
+    pairs = [{**base, "metric": "all", "eval_set": "val", "verdict": "higher"},
+             {**base, "metric": "all", "eval_set": "heldout", "verdict": "not settled"},
+             {**base, "metric": "old", "eval_set": "val", "verdict": "lower"},
+             {**base, "metric": "old", "eval_set": "heldout", "verdict": "lower"}]
+    assert bench.disagreements(pairs) == [{**base, "metric": "all", "val": "higher",
+                                           "heldout": "not settled"}]
+
+
+def test_targets_read_joint_step0_and_ft_of_the_task_family(bench):
+    jobs = [job(bench, "joint", "joint", "joint-large", 0,
+                metrics(0.9, None, 0.8, iou={"background": 0.9, "car": 0.3}), steps=1),
+            job(bench, "step0", "step 0 (shared)", "step0-large", 0, metrics(0.55, None, 0.55),
+                steps=1),
+            job(bench, "method", "ft", "large-2s", 0, metrics(0.05, 0.5, 0.3))]
+    rows = bench.aggregate(jobs, {"large": ["background"]})
+    got = {t["target"]: (t["value"], t["met"]) for t in bench.check_targets(rows, "large-2s")}
+    assert got["joint new-class mIoU >= 25"] == (pytest.approx(30.0), True)
+    assert got["step-0 mIoU on its classes >= 60"] == (pytest.approx(55.0), False)
+    assert got["ft old-class mIoU (it must forget) <= 10"] == (pytest.approx(5.0), True)
+
+
+def test_heldout_drive_is_out_of_training(bench, tmp_path):
+    (tmp_path / "train.txt").write_text(
+        "train/0001TP_1.jpg trainannot/0001TP_1.png\ntrain/0006R0_1.jpg trainannot/0006R0_1.png\n"
+        "train/0016E5_1.jpg trainannot/0016E5_1.png\ntrain/0006R0_2.jpg trainannot/0006R0_2.png\n")
+    (tmp_path / "val.txt").write_text("val/0016E5_9.jpg valannot/0016E5_9.png\n")
+    sets = bench.split_lists(tmp_path, smoke=False)
+    assert [ln.split()[0] for ln in sets["train"]] == ["train/0001TP_1.jpg",
+                                                       "train/0016E5_1.jpg"]
+    assert [ln.split()[0] for ln in sets["heldout"]] == ["train/0006R0_1.jpg",
+                                                         "train/0006R0_2.jpg"]
+    assert len(sets["val"]) == 1
+
+
+def _args(**kw):
+    base = {"seeds": [0], "smoke": False, "tasks": ["large-2s"], "methods": ["mib"],
+            "ablation_task": None, "joint": True}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_plan_runs_every_continual_schedule_from_its_family_step0(bench, tmp_path):
+    shards = {"train": tmp_path / "t", "val": tmp_path / "v", "heldout": tmp_path / "h"}
+    runs = tmp_path / "runs"
+    args = _args(seeds=[0, 3], tasks=["large-2s", "large-4s", "6-5"],
+                 methods=["ft", "mib", "plop", "icd"], ablation_task="large-2s")
+    jobs = bench.plan(args, shards, runs)
+    trained = [j for j in jobs if j.kind != "eval"]
+    # per seed: 2 families x (step 0 + joint), 3 tasks x 4 methods, the ablation
+    per_seed = 2 * 2 + 3 * 4 + len(bench.ABLATION)
+    assert len(trained) == 2 * per_seed and len({j.key for j in jobs}) == len(jobs)
+    # every run is evaluated on the held-out drive once, after it
+    evals = {j.needs: j for j in jobs if j.kind == "eval"}
+    assert set(evals) == {j.key for j in trained}
+    assert evals["large-2s-mib-s0"].extra_args == [
+        "--run", str(runs / "large-2s-mib-s0"), "--data", str(tmp_path / "h"), "--json"]
+    assert evals["large-2s-mib-s0"].command("py")[:3] == ["py", "-m", "icd_dist.evaluate"]
+    assert [j.kind for j in trained[:4]] == ["step0"] * 4
+    for j in trained:
         assert f"run.seed={j.seed}" in j.overrides and f"run.name={j.key}" in j.overrides
+        assert f"data.train_shards={tmp_path / 't'}" in j.overrides
         if j.kind in ("method", "ablation"):
-            assert j.needs == f"step0-s{j.seed}"
-            assert j.extra_args == ["--step0-from", str(tmp_path / "runs" / j.needs)]
-    ablation = [j for j in jobs if j.kind == "ablation" and j.seed == 0]
-    assert all(j.task == "6-1" and j.config.endswith("6-1_icd.yaml") for j in ablation)
+            fam = "natural" if j.task == "6-5" else "large"
+            assert j.needs == f"step0-{fam}-s{j.seed}"
+            assert j.extra_args == ["--step0-from", str(runs / j.needs)]
+    step0 = {j.key: j for j in trained if j.kind == "step0"}
+    assert step0["step0-large-s0"].config == "configs/camvid/large-2s_ft.yaml"
+    assert step0["step0-natural-s0"].config == "configs/camvid/6-5_ft.yaml"
+    joints = {j.key: j.config for j in trained if j.kind == "joint"}
+    assert joints["joint-large-s3"] == "configs/camvid/large_joint.yaml"
+    assert joints["joint-natural-s3"] == "configs/camvid/joint.yaml"
+    ablation = [j for j in trained if j.kind == "ablation" and j.seed == 0]
+    assert all(j.task == "large-2s" and j.config.endswith("large-2s_icd.yaml")
+               for j in ablation)
     assert {o for j in ablation for o in j.overrides} >= {"loss.icd.msca=learned",
                                                           "loss.icd.lambda_ext=0",
                                                           "loss.icd.lambda_int=0"}
 
 
 def test_plan_trains_dkds_own_step0_for_its_rows(bench, tmp_path):
-    args = argparse.Namespace(seeds=[0], smoke=False, tasks=["6-5", "6-1"],
-                              methods=["mib", "dkd"], ablation_task=None)
-    jobs = {j.key: j for j in bench.plan(args, tmp_path / "t", tmp_path / "v", tmp_path / "r")}
-    assert set(jobs) == {"step0-s0", "step0-dkd-s0", "joint-s0", "6-5-mib-s0", "6-1-mib-s0",
-                         "6-5-dkd-s0", "6-1-dkd-s0"}
-    own = jobs["step0-dkd-s0"]
-    assert own.kind == "step0" and own.config == "configs/camvid/6-5_dkd.yaml"
+    shards = {"train": tmp_path / "t", "val": tmp_path / "v", "heldout": tmp_path / "h"}
+    args = _args(tasks=["large-2s", "large-4s"], methods=["mib", "dkd"])
+    jobs = {j.key: j for j in bench.plan(args, shards, tmp_path / "r") if j.kind != "eval"}
+    assert set(jobs) == {"step0-large-s0", "step0-dkd-large-s0", "joint-large-s0",
+                         "large-2s-mib-s0", "large-4s-mib-s0", "large-2s-dkd-s0",
+                         "large-4s-dkd-s0"}
+    own = jobs["step0-dkd-large-s0"]
+    assert own.kind == "step0" and own.config == "configs/camvid/large-2s_dkd.yaml"
     assert own.extra_args == ["--last-step", "0"]
-    for task in ("6-5", "6-1"):
-        assert jobs[f"{task}-dkd-s0"].needs == "step0-dkd-s0"
+    for task in ("large-2s", "large-4s"):
+        assert jobs[f"{task}-dkd-s0"].needs == "step0-dkd-large-s0"
         assert jobs[f"{task}-dkd-s0"].config == f"configs/camvid/{task}_dkd.yaml"
-        assert jobs[f"{task}-mib-s0"].needs == "step0-s0"
+        assert jobs[f"{task}-mib-s0"].needs == "step0-large-s0"
     # DKD alone, without joint: no CE step 0 to train
-    args = argparse.Namespace(seeds=[0], smoke=False, tasks=["6-5"], methods=["dkd"],
-                              ablation_task=None, joint=False)
-    assert [j.key for j in bench.plan(args, tmp_path / "t", tmp_path / "v", tmp_path / "r")] \
-        == ["step0-dkd-s0", "6-5-dkd-s0"]
+    args = _args(methods=["dkd"], joint=False)
+    assert [j.key for j in bench.plan(args, shards, tmp_path / "r") if j.kind != "eval"] \
+        == ["step0-dkd-large-s0", "large-2s-dkd-s0"]
+
+
+def test_the_large_task_configs_hold_their_classes_and_protocol():
+    from icd_dist.config import load_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs" / "camvid"
+    for method in ("ft", "mib", "plop", "icd", "dkd"):
+        two = load_config(str(configs / f"large-2s_{method}.yaml"))
+        four = load_config(str(configs / f"large-4s_{method}.yaml"))
+        assert two.method.name == four.method.name == method
+        assert two.task.steps == ((0, 1, 2, 4), (5, 6, 9))
+        assert four.task.steps == ((0, 1, 2, 4), (6,), (5,), (9,))
+        assert two.data.eval_unseen == four.data.eval_unseen == "ignore"
+        assert two.optim.iterations_incremental == 200
+        assert four.optim.iterations_incremental == 100
+        assert two.optim.optimizer == "adamw" and two.data.crop_size == 144
+    joint = load_config(str(configs / "large_joint.yaml"))
+    assert joint.method.name == "joint" and joint.task.steps == ((0, 1, 2, 4, 5, 6, 9),)
+    assert joint.optim.iterations == 800 and joint.data.eval_unseen == "ignore"
