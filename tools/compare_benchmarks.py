@@ -1,7 +1,7 @@
 """The change of every row between two CamVid benchmark results (tools/css_benchmark.py).
 
     python tools/compare_benchmarks.py BEFORE/results.json AFTER/results.json \
-        --out tools/results/css_benchmark/change.md
+        --out tools/results/css_benchmark/natural_6-5_6-1/change.md
 
 Rows are matched by (task, label); each metric (old / new / all mIoU, hIoU, in points) is
 printed as `after (change)`. Prints a markdown table and writes it with a JSON twin (both
@@ -23,6 +23,14 @@ def row_key(row: dict) -> tuple[str, str]:
     return row["task"], row["label"]
 
 
+def _value(row: dict | None, metric: str) -> float | None:
+    """A row's val score: nested under "val" in results since the held-out set was added,
+    at the top level in earlier ones."""
+    if row is None:
+        return None
+    return row["val"].get(metric) if isinstance(row.get("val"), dict) else row.get(metric)
+
+
 def compare(before: dict, after: dict) -> list[dict]:
     """Per row of `after` (in its order): after's metrics and after - before where both have
     the row and the metric (None otherwise)."""
@@ -32,8 +40,7 @@ def compare(before: dict, after: dict) -> list[dict]:
         prev = old_rows.get(row_key(row))
         entry = {"task": row["task"], "label": row["label"]}
         for m in METRICS:
-            value = row.get(m)
-            prior = prev.get(m) if prev else None
+            value, prior = _value(row, m), _value(prev, m)
             entry[m] = value
             entry[f"{m}_before"] = prior
             entry[f"{m}_change"] = value - prior if value is not None and prior is not None \

@@ -68,7 +68,7 @@ class Family:
 
 
 FAMILIES = {
-    "large": Family("large-2s", "configs/camvid/large_joint.yaml",
+    "large": Family("large-2s", "configs/camvid/large-joint_joint.yaml",
                     "background, sky, building, road"),
     "natural": Family("6-5", "configs/camvid/joint.yaml",
                       "background, sky, building, pole, road, pavement, tree"),

@@ -45,3 +45,12 @@ def test_changes_by_task_and_label(cmp, tmp_path):
     written = json.loads((tmp_path / "out" / "change.json").read_text())
     assert written["before"]["command"] == "b" and len(written["rows"]) == 3
     assert table in (tmp_path / "out" / "change.md").read_text()
+
+
+def test_reads_the_val_scores_of_results_with_a_heldout_set(cmp):
+    before = {"rows": [_row("large-2s", "icd", 80.0, 40.0, 60.0, 53.3)]}
+    nested = {"task": "large-2s", "label": "icd", "heldout": {"all": 10.0},
+              "val": {"old": 85.0, "new": 46.0, "all": 67.0, "hiou": 60.0}}
+    (entry,) = cmp.compare(before, {"rows": [nested]})
+    assert entry["all"] == 67.0 and entry["all_change"] == 7.0
+    assert entry["new_change"] == 6.0 and entry["old_change"] == 5.0

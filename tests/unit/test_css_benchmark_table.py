@@ -181,7 +181,7 @@ def test_plan_runs_every_continual_schedule_from_its_family_step0(bench, tmp_pat
     assert step0["step0-large-s0"].config == "configs/camvid/large-2s_ft.yaml"
     assert step0["step0-natural-s0"].config == "configs/camvid/6-5_ft.yaml"
     joints = {j.key: j.config for j in trained if j.kind == "joint"}
-    assert joints["joint-large-s3"] == "configs/camvid/large_joint.yaml"
+    assert joints["joint-large-s3"] == "configs/camvid/large-joint_joint.yaml"
     assert joints["joint-natural-s3"] == "configs/camvid/joint.yaml"
     ablation = [j for j in trained if j.kind == "ablation" and j.seed == 0]
     assert all(j.task == "large-2s" and j.config.endswith("large-2s_icd.yaml")
@@ -225,6 +225,6 @@ def test_the_large_task_configs_hold_their_classes_and_protocol():
         assert two.optim.iterations_incremental == 200
         assert four.optim.iterations_incremental == 100
         assert two.optim.optimizer == "adamw" and two.data.crop_size == 144
-    joint = load_config(str(configs / "large_joint.yaml"))
+    joint = load_config(str(configs / "large-joint_joint.yaml"))
     assert joint.method.name == "joint" and joint.task.steps == ((0, 1, 2, 4, 5, 6, 9),)
     assert joint.optim.iterations == 800 and joint.data.eval_unseen == "ignore"

@@ -607,7 +607,7 @@ def test_shipped_configs_carry_dkds_recipe():
             files.setdefault(p.parent.name, []).append(p.stem.split("_")[0])
     assert files == {"voc": ["10-1", "15-1", "15-5", "19-1", "5-3"],
                      "ade20k": ["100-10", "100-50", "100-5", "50-50"],
-                     "camvid": ["6-1", "6-5"]}
+                     "camvid": ["6-1", "6-5", "large-2s", "large-4s"]}
     recipes = {  # lr, lr_incremental, batch, epochs, pos_weight step 0 / later, head factor
         "voc": ("sgd", 0.001, 0.0001, 32, 60, 2.0, 1.0, 10.0),
         "ade20k": ("sgd", 0.0025, 0.00025, 24, 100, 35.0, 35.0, 10.0),
