@@ -333,7 +333,10 @@ def run_sweep(cfg: Config, log: Log | None = None,
             cache.train(sched_cfg, key, identity, log, by=name)
         trainable = tune.with_resources(
             tune.with_parameters(sweep_trial, base=config_to_dict(cfg),
-                                 sweep_root=storage.uri(), cache_root=cfg.run.storage_path,
+                                 sweep_root=storage.uri(),
+                                 # absolute: a trial runs in its own working directory, where
+                                 # a relative storage_path would name another folder
+                                 cache_root=Storage(cfg.run.storage_path).uri(),
                                  step0_keys=keys, metric=cfg.tune.metric),
             {"cpu": cfg.tune.trial_cpus})
         tuner, restored = _tuner(cfg, trainable, space, schedules, last_steps, storage, name,
