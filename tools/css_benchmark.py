@@ -140,13 +140,13 @@ def split_lists(camvid: Path, smoke: bool) -> dict[str, list[str]]:
     return out
 
 
-def build_shards(camvid: Path, work: Path, smoke: bool) -> dict[str, Path]:
-    """Train (without the held-out drive), held-out and val shards in work/shards (kept
-    between runs of the tool); their folders by set name."""
+def build_shards(camvid: Path, work: Path, sets: dict[str, list[str]]) -> dict[str, Path]:
+    """Shards of the `sets` of split_lists (train without the held-out drive, held-out, val)
+    in work/shards (kept between runs of the tool); their folders by set name."""
     from icd_dist.shards import main as shards_main
 
     folders = {}
-    for name, lines in split_lists(camvid, smoke).items():
+    for name, lines in sets.items():
         # the folder names the split: a full-train folder of an older tool is never reused
         folder = work / "shards" / {"train": f"train_minus_{HELDOUT_DRIVE}",
                                     "heldout": f"heldout_{HELDOUT_DRIVE}", "val": "val"}[name]
@@ -674,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    shards = build_shards(args.camvid.resolve(), args.work, args.smoke)
+    sets = split_lists(args.camvid.resolve(), args.smoke)
+    shards = build_shards(args.camvid.resolve(), args.work, sets)
     runs, logs = args.work / "runs", args.work / "logs"
     jobs = plan(args, shards, runs)
     print(f"{sum(j.kind != 'eval' for j in jobs)} runs and their held-out evaluations, "
@@ -701,7 +702,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     figures = [f for task in TASKS if task in args.tasks
                if (f := plot_per_class(rows, task, args.out / f"per_class_iou_{task}.png"))]
-    sets = split_lists(args.camvid.resolve(), args.smoke)
     meta = {"command": command.strip(), "date": dt.date.today().isoformat(), "device": device,
             "versions": versions(), "total_min": total_min, "seeds": args.seeds,
             "parallel": args.parallel, "smoke": args.smoke,
