@@ -455,20 +455,32 @@ def _write_best(cfg: Config, storage: Storage, filename: str, schedule: str,
     return storage.uri(filename)
 
 
+def _percent(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
 def format_sweep_table(summary: Mapping) -> str:
-    """A console table of the trials (one line each) and the best weights."""
+    """A console table of the trials (one line each: weights, status, last step reached, its
+    old/new/hIoU and the score), a line on how to read it, and the best weights."""
     names = sorted({k for r in summary["trials"] for k in r["params"]})
     head = f"{'trial':<14}{'schedule':>9}" + "".join(f"{n:>13}" for n in names) + \
-        f"{'status':>10}{'step':>6}{'score':>8}"
+        f"{'status':>10}{'step':>6}{'old':>8}{'new':>8}{'hIoU':>8}{'score':>8}"
     lines = [head, "-" * len(head)]
     for r in summary["trials"]:
         cells = ""
         for n in names:
             v = r["params"].get(n)
             cells += f"{v:>13.4g}" if isinstance(v, float) else f"{str(v):>13}"
-        score = "-" if r["score"] is None else f"{100 * r['score']:.2f}"
+        last = r["steps"][-1] if r["steps"] else {}
+        quality = "".join(f"{_percent(last.get(k)):>8}" for k in ("miou_old", "miou_new", "hiou"))
         lines.append(f"{r['trial_id'][-14:]:<14}{r['schedule']:>9}{cells}{r['status']:>10}"
-                     f"{r['last_step']:>6}{score:>8}")
+                     f"{r['last_step']:>6}{quality}{_percent(r['score']):>8}")
+    metric = {"all": "all-class mIoU", "hiou": "hIoU", "old": "old-class mIoU"}.get(
+        summary.get("metric"), summary.get("metric"))
+    lines.append(f"score: {metric} after the schedule's last step (finished trials only); "
+                 "old = step-0 classes (stability), new = the classes added since")
+    lines.append("(plasticity), both at the last step reached; new near 0 = the distillation "
+                 "weights were too strong for the new classes to be learned.")
     s0 = summary["step0"]
     lines.append(f"step 0: {len(s0['keys'])} key(s), {s0['trainings_run']} training(s), "
                  f"reused by {s0['reused']} trial(s)")

@@ -51,7 +51,7 @@ def test_search_space_and_params():
     space = search_space(cfg)
     assert set(space) == {"lambda_int", "lambda_ext", "tau", "stats"}
     assert isinstance(space["lambda_int"], Float) and isinstance(space["tau"], Categorical)
-    assert (space["lambda_ext"].lower, space["lambda_ext"].upper) == (0.1, 1000.0)
+    assert (space["lambda_ext"].lower, space["lambda_ext"].upper) == (1.0, 100.0)
     tuned = with_params(cfg, {"lambda_int": 0.3, "lambda_ext": 40.0, "tau": 0.5,
                               "stats": ["std", "max"]})
     assert tuned.loss.icd.lambda_int == 0.3 and tuned.loss.icd.lambda_ext == 40.0
@@ -111,3 +111,38 @@ def test_trial_concurrency_fits_the_cluster_and_refuses_a_trial_that_cannot_fit(
         trial_concurrency(too_big, False, two_cores, fixed_size=True)
     # A cluster that can grow (an autoscaler) is trusted to add the CPUs.
     assert trial_concurrency(too_big, False, two_cores, fixed_size=False) == 1
+
+
+def test_sweep_table_shows_each_trials_old_new_and_hiou_at_its_last_step():
+    from icd_dist.train.sweep import format_sweep_table
+
+    def steps(*rows):
+        return [dict(zip(("step", "miou_old", "miou_new", "miou_all", "hiou"), r, strict=True))
+                for r in rows]
+
+    summary = {
+        "metric": "all",
+        "trials": [
+            {"trial_id": "abc_00000", "schedule": "3-1", "params": {"lambda_ext": 3.5},
+             "status": "finished", "last_step": 2, "score": 0.6,
+             "steps": steps((1, 0.8, 0.4, 0.7, 0.5), (2, 0.7, 0.5, 0.6, 0.5833))},
+            {"trial_id": "abc_00001", "schedule": "3-1", "params": {"lambda_ext": 70.0},
+             "status": "stopped", "last_step": 1, "score": None,
+             "steps": steps((1, 0.75, 0.012, 0.55, 0.0236))},
+            {"trial_id": "abc_00002", "schedule": "3-1", "params": {"lambda_ext": 9.0},
+             "status": "error", "last_step": -1, "score": None, "steps": []},
+        ],
+        "step0": {"keys": {"k": {}}, "trainings_run": 1, "reused": 2},
+        "best_per_schedule": {"3-1": {"score": 0.6, "params": {"lambda_ext": 3.5}}},
+        "best_overall": None, "best_configs": {},
+    }
+    lines = format_sweep_table(summary).splitlines()
+    assert lines[0].split() == ["trial", "schedule", "lambda_ext", "status", "step", "old",
+                                "new", "hIoU", "score"]
+    # the last step's numbers, not the first's
+    assert lines[2].split() == ["abc_00000", "3-1", "3.5", "finished", "2", "70.00", "50.00",
+                                "58.33", "60.00"]
+    assert lines[3].split() == ["abc_00001", "3-1", "70", "stopped", "1", "75.00", "1.20",
+                                "2.36", "-"]
+    assert lines[4].split() == ["abc_00002", "3-1", "9", "error", "-1", "-", "-", "-", "-"]
+    assert any(line.startswith("score: all-class mIoU after") for line in lines)
