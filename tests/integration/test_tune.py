@@ -21,6 +21,7 @@ SWEEP = [
     "data.synthetic.num_train=32", "data.synthetic.num_eval=12", "data.synthetic.height=48",
     "data.synthetic.width=48", "data.crop_size=48", "data.eval_size=48", "optim.epochs=2",
     "model.head_channels=32", "engine.cpus_per_worker=0.9", "tune.num_samples=2",
+    "tune.schedules=[2-1,2-2]",
     "logging.wandb=offline", "logging.log_every=1", "logging.num_overlays=1",
 ]
 
@@ -97,17 +98,19 @@ def test_sweep_shares_step0_survives_driver_kill_and_writes_runnable_best(tmp_pa
     assert result["final_miou_all"] is not None
 
 
-def test_asha_stops_a_planted_bad_trial_before_its_last_step(tmp_path):
+def test_asha_stops_a_planted_bad_trial_before_its_last_step(tmp_path, monkeypatch):
     """Three weight sets run one after the other on a 3-step schedule; the last one has a
     distillation weight so huge that its loss overflows and its weights turn to NaN (DDP:
     DeepSpeed would skip the overflowing steps). At step 1 it is far below the two sane
-    trials, so ASHA stops it there."""
+    trials, so ASHA stops it there. The paths are relative, as in the demo config: each trial
+    runs in its own working directory and must still find the shared step 0."""
     from icd_dist.config import load_config
     from icd_dist.train.sweep import run_sweep
 
+    monkeypatch.chdir(tmp_path)
     cfg = load_config(ROOT / "configs" / "tune" / "demo.yaml", [
-        f"data.train_shards={tmp_path}/data/train", f"data.eval_shards={tmp_path}/data/val",
-        f"run.storage_path={tmp_path}/runs", "tune.schedules=[2-1]", "tune.max_concurrent=1",
+        "data.train_shards=data/train", "data.eval_shards=data/val",
+        "run.storage_path=runs", "tune.schedules=[2-1]", "tune.max_concurrent=1",
         "tune.num_samples=3", "optim.epochs_incremental=3", "engine.engine=ddp",
         "logging.wandb=disabled"])
     import ray
