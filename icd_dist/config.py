@@ -145,6 +145,10 @@ class ModelConfig:
     # (DKD's sigmoid classifiers with an auxiliary one and reasoning maps); method dkd needs
     # dkd, every other method standard (configs/_base/methods/dkd.yaml sets it).
     classifier: Literal["standard", "dkd"] = "standard"
+    # The DeepLabV3 head (models/head.py): MiB's (ft, joint, mib, plop, icd train it: no
+    # dropout, pooled branch added, leaky ReLU, xavier init) or DKD's ASPP (deeplabv3: dropout
+    # 0.1, a 3x3 conv, kaiming init); auto = DKD's with classifier dkd, MiB's otherwise.
+    head: Literal["auto", "mib", "deeplabv3"] = "auto"
 
 
 @dataclass(frozen=True)

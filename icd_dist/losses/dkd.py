@@ -114,11 +114,19 @@ def freeze_norm_layers(model: nn.Module) -> None:
                 p.requires_grad_(False)
 
 
-def norm_and_dropout_eval(model: nn.Module) -> None:
-    """Steps t > 0, after model.train(): BatchNorm layers use and keep their running
-    statistics (eval mode), dropout is off (DKD's freeze_bn and freeze_dropout)."""
+def norm_eval(model: nn.Module) -> None:
+    """Steps t > 0 with freeze_bn, after model.train(): the normalisation layers use and keep
+    their running statistics (eval mode), as DKD's freeze_bn."""
     for m in model.modules():
-        if isinstance(m, (*NORM_LAYERS, nn.Dropout, nn.Dropout2d)):
+        if isinstance(m, NORM_LAYERS):
+            m.eval()
+
+
+def dropout_eval(model: nn.Module) -> None:
+    """Steps t > 0, after model.train(): dropout off. DKD's trainer calls freeze_dropout() at
+    every step t > 0, whatever --freeze_bn says."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
             m.eval()
 
 

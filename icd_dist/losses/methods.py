@@ -305,8 +305,8 @@ class DKD(Method):
     AC at later steps with loss.dkd's weights (losses/dkd.py), new classifiers initialised
     from the auxiliary one, and its recipe: the head and classifiers at head_lr_factor times
     the backbone's lr, weight decay only on the new classifier at t > 0, the backbone's
-    BatchNorm momentum 0.01, and at t > 0 (loss.dkd.freeze_bn) frozen normalisation layers
-    and no dropout."""
+    BatchNorm momentum 0.01, at t > 0 no dropout and (loss.dkd.freeze_bn) frozen
+    normalisation layers."""
 
     classifier = "dkd"
 
@@ -341,11 +341,13 @@ class DKD(Method):
             dkd.freeze_norm_layers(model)
 
     def set_train_mode(self, model: nn.Module) -> None:
-        """The backbone's BatchNorm momentum 0.01 (every step); at t > 0 with freeze_bn, the
-        norm layers' statistics frozen and dropout off."""
+        """The backbone's BatchNorm momentum 0.01 (every step); at t > 0 dropout off (DKD's
+        freeze_dropout, unconditional) and with freeze_bn the norm layers' statistics frozen."""
         dkd.set_backbone_bn_momentum(model)
-        if self.step > 0 and self.dkd.freeze_bn:
-            dkd.norm_and_dropout_eval(model)
+        if self.step > 0:
+            dkd.dropout_eval(model)
+            if self.dkd.freeze_bn:
+                dkd.norm_eval(model)
 
     def param_groups(self, model: nn.Module, params: list[nn.Parameter], lr: float) -> list:
         """DKD's groups (losses/dkd.param_groups)."""

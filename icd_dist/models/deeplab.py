@@ -2,8 +2,9 @@
 
 forward(x) returns SegOutput(logits at the input's size, [layer1, layer2, layer3, layer4,
 head], logits at the head's resolution); the head tap is the feature map just before the
-classifier. `classifier="dkd"` puts DKD's classifier (models/dkd_classifier.py) on the head:
-its SegOutput also holds the positive and negative reasoning maps, and `predict` applies DKD's
+classifier. The head is MiB's or DKD's (models/head.py; `head="auto"`: DKD's with DKD's
+classifier, MiB's otherwise, as each method's authors train it). `classifier="dkd"` puts
+DKD's classifier (models/dkd_classifier.py) on the head: its SegOutput also holds the positive and negative reasoning maps, and `predict` applies DKD's
 prediction rule instead of the argmax.
 """
 
@@ -19,10 +20,22 @@ from torch import nn
 from icd_dist.models.backbones import TAP_CHANNELS, build_backbone, norm_factory
 from icd_dist.models.classifier import IncrementalClassifier
 from icd_dist.models.dkd_classifier import DKDClassifier
-from icd_dist.models.head import DeepLabV3Head
+from icd_dist.models.head import HEADS, build_head
 
 # model.classifier -> the classifier module on the head
 CLASSIFIERS = {"standard": IncrementalClassifier, "dkd": DKDClassifier}
+# model.classifier -> the head its authors train with it (model.head=auto)
+AUTO_HEAD = {"standard": "mib", "dkd": "deeplabv3"}
+
+
+def resolve_head(head: str, classifier: str) -> str:
+    """The head a model config means: `head` itself, or for "auto" the one the classifier's
+    authors train (DKD's ASPP with DKD's classifier, MiB's head otherwise)."""
+    if head == "auto":
+        return AUTO_HEAD[classifier]
+    if head not in HEADS:
+        raise ValueError(f"head must be auto or one of {', '.join(HEADS)}, got {head!r}")
+    return head
 
 
 @dataclass
@@ -44,15 +57,17 @@ class DeepLabV3(nn.Module):
 
     def __init__(self, backbone: str, classes_per_step: Sequence[int], output_stride: int = 16,
                  head_channels: int = 256, norm: str = "batchnorm",
-                 taps: str = "post_activation", classifier: str = "standard"):
+                 taps: str = "post_activation", classifier: str = "standard",
+                 head: str = "auto"):
         super().__init__()
         if classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got "
                              f"{classifier!r}")
         self.backbone_name = backbone
         self.backbone = build_backbone(backbone, output_stride, norm, taps)
-        self.head = DeepLabV3Head(TAP_CHANNELS[backbone][-1], head_channels, output_stride,
-                                  norm_factory(norm))
+        self.head_kind = resolve_head(head, classifier)
+        self.head = build_head(self.head_kind, TAP_CHANNELS[backbone][-1], head_channels,
+                               output_stride, norm_factory(norm))
         self.classifier = CLASSIFIERS[classifier](head_channels, classes_per_step)
 
     @property
@@ -99,7 +114,7 @@ def build_model(model_cfg, classes_per_step: Sequence[int],
 
     model = DeepLabV3(model_cfg.backbone, classes_per_step, model_cfg.output_stride,
                       model_cfg.head_channels, model_cfg.norm, model_cfg.taps,
-                      model_cfg.classifier)
+                      model_cfg.classifier, model_cfg.head)
     weights = pretrained_file(model_cfg.pretrained)  # None for null and "none"
     if load_pretrained and weights:
         load_pretrained_backbone(model.backbone, weights, model_cfg.backbone)

@@ -32,6 +32,7 @@ from icd_dist.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from icd_dist.data.synthetic import build_synthetic
 from icd_dist.data.verify import check_run_shards
 from icd_dist.losses.methods import build_method
+from icd_dist.models.deeplab import resolve_head
 from icd_dist.models.pretrained import check_pretrained
 from icd_dist.train.console import RunLog, step_failure
 from icd_dist.train.progress import ProgressFollower
@@ -209,12 +210,18 @@ STEP0_NEUTRAL_MODEL_KEYS = ("mib_init", "taps")
 # earlier step-0 models (their config.yaml, their cache keys) still match. model.classifier=dkd
 # (DKD's own step 0) is kept and makes another step-0 model.
 STEP0_LEGACY_DEFAULTS = {"classifier": "standard"}
+# A model config written before model.head existed had DKD's/torchvision's head.
+HEAD_BEFORE_THE_KEY = "deeplabv3"
 
 
 def step0_model_config(model: dict) -> dict:
-    """The part of a model config (as a dict) that shapes the step-0 model."""
-    return {k: v for k, v in model.items() if k not in STEP0_NEUTRAL_MODEL_KEYS
-            and not (k in STEP0_LEGACY_DEFAULTS and v == STEP0_LEGACY_DEFAULTS[k])}
+    """The part of a model config (as a dict) that shapes the step-0 model; model.head as the
+    head it resolves to (auto is MiB's or DKD's by the classifier)."""
+    out = {k: v for k, v in model.items() if k not in STEP0_NEUTRAL_MODEL_KEYS
+           and not (k in STEP0_LEGACY_DEFAULTS and v == STEP0_LEGACY_DEFAULTS[k])}
+    out["head"] = resolve_head(model["head"], model.get("classifier", "standard")) \
+        if "head" in model else HEAD_BEFORE_THE_KEY
+    return out
 
 
 def check_step0_source(cfg: Config, task: Task, source: RunFolder) -> None:

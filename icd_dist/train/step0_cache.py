@@ -29,9 +29,10 @@ from icd_dist.train.storage import Storage
 CACHE_FOLDER = "step0_cache"
 # Bumped whenever step-0 training changes in a way no config key shows (2: the CE averaged
 # over all pixels as MiB/PLOP, their RandomResizedCrop; 3: epochs padded to whole optimiser
-# steps instead of dropping the last global batch, bf16 as autocast over fp32 weights), so older
-# cached models are not reused.
-STEP0_PROTOCOL = 3
+# steps instead of dropping the last global batch, bf16 as autocast over fp32 weights; 4: bf16
+# under DeepSpeed through its own torch_autocast section, which on a GPU trained in fp32
+# before), so older cached models are not reused. The head (model.head) is in the identity.
+STEP0_PROTOCOL = 4
 _STEP0_OPTIM = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "poly_power",
                 "batch_size", "epochs", "iterations")
 _NUMERICS = ("engine", "num_workers", "micro_batch_size", "precision", "zero_stage")

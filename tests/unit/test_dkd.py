@@ -430,7 +430,19 @@ def test_batchnorm_learns_at_step0_and_without_freeze_bn():
         assert not torch.equal(after["backbone.bn1.running_mean"],
                                before["backbone.bn1.running_mean"]), (step, cfg.loss.dkd)
         assert not torch.equal(after["head.conv.1.weight"], before["head.conv.1.weight"])
-        assert any(isinstance(m, nn.Dropout) and m.training for m in student.modules())
+        # DKD's trainer calls freeze_dropout() at every t > 0, whatever --freeze_bn says
+        dropouts = [m.training for m in student.modules() if isinstance(m, nn.Dropout)]
+        assert dropouts and all(dropouts) == (step == 0), (step, dropouts)
+
+
+def test_dkd_trains_its_own_aspp_with_kaiming_init():
+    torch.manual_seed(0)
+    student = DeepLabV3("resnet18", [16], head_channels=64, classifier="dkd")  # head auto
+    assert student.head_kind == "deeplabv3"
+    assert any(isinstance(m, nn.Dropout) for m in student.head.modules())
+    w = student.head.conv[0].weight  # 3x3, 64 -> 64: kaiming_normal_ std sqrt(2 / fan_in)
+    fan_in = w.shape[1] * w.shape[2] * w.shape[3]
+    assert abs(w.std().item() / (2 / fan_in) ** 0.5 - 1) < 0.03
 
 
 def test_bf16_autocast_and_bf16_teacher_give_float32_terms_near_fp32():

@@ -24,7 +24,7 @@ from icd_dist.models.backbones import build_backbone
 
 
 def test_r101_taps_at_512_and_parameter_count(capsys):
-    model = DeepLabV3("resnet101", [21]).eval()
+    model = DeepLabV3("resnet101", [21], head="deeplabv3").eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 512, 512))
     assert [tuple(f.shape[1:]) for f in out.features] == [
@@ -277,3 +277,96 @@ def test_pre_activation_taps_are_plops_and_leave_the_network_unchanged(backbone)
 def test_unknown_taps_are_refused():
     with pytest.raises(ValueError, match="pre_activation"):
         DeepLabV3("resnet18", [3], head_channels=8, taps="middle")
+
+
+# --------------------------------------------------------------------------------------
+# The heads: MiB's (ft, joint, mib, plop, icd) and DKD's ASPP
+# --------------------------------------------------------------------------------------
+
+
+def test_mib_head_is_mibs_layers_and_parameter_count():
+    model = DeepLabV3("resnet101", [21])  # model.head auto with the standard classifier
+    assert model.head_kind == "mib"
+    shapes = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
+    # MiB modules/deeplab.py at hidden = out = 256, in = 2048, output stride 16
+    assert shapes["map_convs.0.weight"] == (256, 2048, 1, 1)
+    assert [model.head.map_convs[i].dilation for i in (1, 2, 3)] == [(6, 6), (12, 12), (18, 18)]
+    assert shapes["map_bn.0.weight"] == (1024,)
+    assert shapes["global_pooling_conv.weight"] == (256, 2048, 1, 1)
+    assert shapes["red_conv.weight"] == (256, 1024, 1, 1)
+    assert shapes["pool_red_conv.weight"] == (256, 256, 1, 1)
+    assert shapes["red_bn.0.weight"] == (256,)
+    # 2048*256*(1 + 3*9) + 2048*256 + 1024*256 + 256*256 convolutions, 2*(1024 + 256 + 256)
+    # norm weights: 15,535,104
+    assert sum(p.numel() for p in model.head.parameters()) == 15_535_104
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+    assert sum(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.01
+               for m in model.head.modules()) == 3
+
+
+def test_aspp_rates_at_output_stride_8_are_each_authors():
+    mib = DeepLabV3("resnet18", [3], output_stride=8, head_channels=8, head="mib")
+    dkd = DeepLabV3("resnet18", [3], output_stride=8, head_channels=8, classifier="dkd")
+    assert [mib.head.map_convs[i].dilation[0] for i in (1, 2, 3)] == [12, 24, 32]
+    assert [dkd.head.branches[i][0].dilation[0] for i in (1, 2, 3)] == [12, 24, 36]
+
+
+def _mib_head_reference(head, x):
+    """MiB's head forward (eval mode) in float64 from its own layer list: the four map convs
+    concatenated, BN + leaky ReLU, red_conv; global mean, conv, BN + leaky ReLU,
+    pool_red_conv, repeated over (h, w) and added; BN + leaky ReLU."""
+    p = {k: v.double() for k, v in head.state_dict().items()}
+    x = x.double()
+
+    def bn_leaky(t, name):
+        t = F.batch_norm(t, p[f"{name}.0.running_mean"], p[f"{name}.0.running_var"],
+                         p[f"{name}.0.weight"], p[f"{name}.0.bias"], False, 0.0, 1e-5)
+        return torch.where(t >= 0, t, 0.01 * t)
+
+    maps = [F.conv2d(x, p["map_convs.0.weight"])]
+    for i, d in ((1, 6), (2, 12), (3, 18)):
+        maps.append(F.conv2d(x, p[f"map_convs.{i}.weight"], padding=d, dilation=d))
+    out = F.conv2d(bn_leaky(torch.cat(maps, 1), "map_bn"), p["red_conv.weight"])
+    pool = x.reshape(x.shape[0], x.shape[1], -1).mean(-1)[..., None, None]
+    pool = bn_leaky(F.conv2d(pool, p["global_pooling_conv.weight"]), "global_pooling_bn")
+    pool = F.conv2d(pool, p["pool_red_conv.weight"]).repeat(1, 1, x.shape[2], x.shape[3])
+    return bn_leaky(out + pool, "red_bn")
+
+
+def test_mib_head_forward_equals_mibs_computation():
+    torch.manual_seed(0)
+    model = DeepLabV3("resnet18", [3], head_channels=16)
+    head = model.head
+    for m in head.modules():  # non-trivial statistics and affine weights
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    head.eval()
+    x = torch.randn(2, 512, 5, 7)
+    with torch.no_grad():
+        ours = head(x)
+    torch.testing.assert_close(ours.double(), _mib_head_reference(head, x),
+                               rtol=1e-4, atol=1e-5)
+    assert (ours < 0).any()  # the leaky ReLU lets negative values through
+
+
+def test_head_inits_are_each_authors():
+    torch.manual_seed(0)
+    mib = DeepLabV3("resnet18", [3], head_channels=128).head
+    gain = nn.init.calculate_gain("leaky_relu", 0.01)
+    for name in ("red_conv", "pool_red_conv", "global_pooling_conv"):
+        w = getattr(mib, name).weight  # xavier_normal_: gain * sqrt(2 / (fan_in + fan_out))
+        fan_in, fan_out = w.shape[1] * w[0, 0].numel(), w.shape[0] * w[0, 0].numel()
+        expected = gain * (2 / (fan_in + fan_out)) ** 0.5
+        assert abs(w.std().item() / expected - 1) < 0.03, name
+    for m in mib.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight))
+            assert torch.equal(m.bias, torch.zeros_like(m.bias))
+
+
+def test_unknown_head_is_refused():
+    with pytest.raises(ValueError, match="head must be auto or one of mib, deeplabv3"):
+        DeepLabV3("resnet18", [3], head="aspp")

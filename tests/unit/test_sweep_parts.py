@@ -29,9 +29,21 @@ def test_step0_key_is_shared_exactly_where_step0_is_the_same():
         assert key_of(replace(cfg, [override]), "2-1") == key_of(cfg, "2-1"), override
     # ... everything that trains step 0 does.
     for override in ("optim.lr=0.1", "optim.epochs=3", "run.seed=1", "model.head_channels=16",
-                     "data.crop_size=32", "data.crop_mode=padded", "engine.num_workers=2"):
+                     "data.crop_size=32", "data.crop_mode=padded", "engine.num_workers=2",
+                     "model.head=deeplabv3"):
         assert key_of(replace(cfg, [override]), "2-1") != key_of(cfg, "2-1"), override
+    # auto is the head it resolves to (MiB's with the standard classifier)
+    assert key_of(replace(cfg, ["model.head=mib"]), "2-1") == key_of(cfg, "2-1")
     assert key_of(cfg, "2-1", KEYS[:-1]) != key_of(cfg, "2-1")  # another image set
+
+
+def test_step0_model_config_names_the_head_a_model_was_trained_with():
+    from icd_dist.train.schedule import step0_model_config
+
+    assert step0_model_config({"backbone": "resnet18", "head": "auto"})["head"] == "mib"
+    assert step0_model_config({"head": "auto", "classifier": "dkd"})["head"] == "deeplabv3"
+    # a config.yaml written before model.head existed: its model had DKD's/torchvision's head
+    assert step0_model_config({"backbone": "resnet18"})["head"] == "deeplabv3"
 
 
 def test_step0_key_changes_with_the_step0_training_code(monkeypatch):
