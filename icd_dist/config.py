@@ -274,7 +274,13 @@ class EngineConfig:
     zero_stage: Literal[0, 1, 2] = 1  # DeepSpeed only; ddp ignores it
     # auto = bf16 on GPUs that support it, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # The teacher's weights: fp32 (its BatchNorm buffers too), run under the student's
+    # autocast, as MiB/PLOP/DKD keep an fp32 teacher under AMP; bf16/fp16 cast the whole
+    # teacher (half its memory, a slightly different teacher).
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Student and images in channels_last memory format (often faster convolutions on GPUs
+    # with tensor cores; tools/gpu_check.py measures it).
+    channels_last: bool = False
     # Ray Train FailureConfig: how many worker-group failures a step survives.
     max_failures: int = 0
     # Data-loading threads/processes per worker (DALI threads; torch uses data.loader_workers).
@@ -428,7 +434,9 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "engine.micro_batch_size": (_positive, "a positive integer or null"),
     "engine.dali_threads": (_positive, "a positive integer"),
     "engine.cpus_per_worker": (_positive, "a positive number"),
-    "engine.gpus_per_worker": (_positive, "a positive number"),
+    "engine.gpus_per_worker": (lambda v: 0 < v <= 1, "a number in (0, 1]: a worker trains on "
+                               "one GPU (or a share of one); use engine.num_workers for more "
+                               "GPUs"),
     "engine.max_failures": (lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)"),
     "tune.num_samples": (_positive, "a positive integer"),
     "tune.grace_period": (_positive, "a positive integer"),

@@ -2,20 +2,31 @@
 with the protocol's SGD (or AdamW) and a poly schedule stepped per optimiser step, and
 gradient accumulation so that the global batch is optim.batch_size.
 
-Both engines expose the same small interface (forward, backward, step, module, save/load),
-and on the same seed give the same loss curve in fp32 and in bf16 (tested).
+Both engines expose the same small interface (forward, backward, step, autocast, module,
+save/load), and on the same seed give the same loss curve in fp32 and in bf16 (tested).
 
-bf16 means the same in both engines: torch.autocast(bfloat16) around the forward, with fp32
+bf16 means the same in both engines: autocast to bfloat16 around the forward, with fp32
 weights (the master weights: what the optimiser updates, what model.pt holds and what the next
 step starts from), fp32 gradients and all-reduce, normalisation layers with fp32 weights and
-statistics (their kernels accumulate in fp32). DeepSpeed's own bf16 mode (a bf16 module with
-fp32 copies in the optimiser) is not used. It runs on CPU too. fp16 is DeepSpeed's fp16 mode
-(an fp16 module, dynamic loss scaling) or autocast with a GradScaler on DDP, GPU only; an
-optimiser step skipped for an overflow does not advance the poly schedule in either engine.
+statistics (their kernels accumulate in fp32). DDP wraps its forward in torch.autocast.
+DeepSpeed gets it through its own `torch_autocast` config section (every module's gradients
+reduced in fp32: `lower_precision_safe_modules: []`): an outer torch.autocast does not work
+there, because DeepSpeed's forward (runtime/torch_autocast.py) sees it enabled while its own
+section is off and re-enters `torch.autocast(enabled=False)`. On CUDA the no-argument
+`torch.is_autocast_enabled()` answers for the GPU, so a GPU run trained in fp32 while saying
+bf16 (on CPU it answers for CUDA, so CPU runs never showed it; tests force the CUDA answer).
+DeepSpeed's own bf16 mode (a bf16 module with fp32 copies in the optimiser) is not used. It
+runs on CPU too. fp16 is DeepSpeed's fp16 mode (an fp16 module, dynamic loss scaling) or
+autocast with a GradScaler on DDP, GPU only; an optimiser step skipped for an overflow does not
+advance the poly schedule in either engine. `autocast()` is the same context for other
+forwards of the step (the teacher's).
 
-On CPU, DeepSpeed runs with DS_ACCELERATOR=cpu on the gloo group Ray Train made; its
-shared-memory all-reduce op (JIT-compiled on every initialize) is marked incompatible so
-that it falls back to gloo instead of building for a minute.
+DeepSpeed's accelerator is set in the worker from the device it trains on (DS_ACCELERATOR
+cuda or cpu, checked after initialize: the student's parameters are on that device), and its
+device is Ray's (`device_rank`), not LOCAL_RANK, so fractional GPUs per worker place right. On
+CPU it runs on the gloo group Ray Train made; its shared-memory all-reduce op (JIT-compiled on
+every initialize) is marked incompatible so that it falls back to gloo instead of building for a
+minute.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -59,6 +71,49 @@ def autocast(device_type: str, precision: str):
     return torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+# ZeRO's reduce and all-gather buckets in elements: a few buckets for a ~60M-parameter
+# DeepLabV3-ResNet-101 so that communication overlaps the backward (DeepSpeed's 5e8 default
+# makes the whole model one bucket).
+DEEPSPEED_BUCKET_ELEMENTS = 25_000_000
+
+
+def deepspeed_config(cfg: Config, precision: str) -> dict:
+    """The DeepSpeed config of a worker: batch and accumulation, ZeRO stage and buckets, no
+    gradient clipping, fp16 mode or bf16 through DeepSpeed's torch_autocast section."""
+    micro, accumulation = micro_batch_and_accumulation(cfg)
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": cfg.optim.batch_size,
+        "zero_optimization": {"stage": cfg.engine.zero_stage,
+                              "reduce_bucket_size": DEEPSPEED_BUCKET_ELEMENTS,
+                              "allgather_bucket_size": DEEPSPEED_BUCKET_ELEMENTS},
+        "zero_allow_untested_optimizer": True,
+        # the protocol does not clip gradients (DeepSpeed would clip at its default norm)
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        # bf16: autocast over the fp32 module, every gradient reduced in fp32
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
+    }
+
+
+def set_deepspeed_accelerator(on_gpu: bool) -> None:
+    """DeepSpeed's accelerator for this worker: cuda on a GPU worker, cpu otherwise (set
+    before DeepSpeed first picks one); RuntimeError if DeepSpeed already picked another."""
+    want = "cuda" if on_gpu else "cpu"
+    os.environ["DS_ACCELERATOR"] = want
+    from deepspeed.accelerator import get_accelerator
+
+    got = get_accelerator().device_name()
+    if got != want:
+        raise RuntimeError(f"DeepSpeed's accelerator in this worker is {got!r}, but the worker "
+                           f"trains on {want}: something imported DeepSpeed's accelerator "
+                           "before the engine set DS_ACCELERATOR")
+
+
 def build_optimizer(cfg: Config, params, lr: float) -> torch.optim.Optimizer:
     """The configured optimiser over `params` with base learning rate `lr`."""
     o = cfg.optim
@@ -74,6 +129,8 @@ class TrainEngine:
     module: nn.Module
     accumulation: int
     input_dtype: torch.dtype = torch.float32  # what forward() expects its images in
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
+    device_type: str = "cpu"
 
     def forward(self, *args, **kwargs):
         """The model's forward."""
@@ -93,6 +150,11 @@ class TrainEngine:
         """The current learning rate."""
         raise NotImplementedError
 
+    def autocast(self):
+        """The mixed-precision context of the student's forward, for other forwards of the
+        step (the teacher's): autocast to bf16/fp16, none for fp32."""
+        return autocast(self.device_type, self.precision)
+
     def save(self, folder: str | Path) -> None:
         """Write this rank's part of the engine state (weights, optimiser, schedule)."""
         raise NotImplementedError
@@ -107,43 +169,39 @@ class DeepSpeedTrainEngine(TrainEngine):
 
     def __init__(self, cfg: Config, model: nn.Module, params, lr: float, total_iterations: int,
                  on_gpu: bool):
+        set_deepspeed_accelerator(on_gpu)
         import deepspeed
         import deepspeed.ops
 
         if not on_gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        micro, accumulation = micro_batch_and_accumulation(cfg)
+        _, accumulation = micro_batch_and_accumulation(cfg)
         precision = resolve_precision(cfg, on_gpu)
         optimizer = build_optimizer(cfg, params, lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, poly_lambda(total_iterations, cfg.optim.poly_power))
-        ds_config = {
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": accumulation,
-            "train_batch_size": cfg.optim.batch_size,
-            "zero_optimization": {"stage": cfg.engine.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            # the protocol does not clip gradients (DeepSpeed would clip at its default norm)
-            "gradient_clipping": 0.0,
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-            # bf16 is autocast around an fp32 module (see the module docstring)
-            "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
-        }
+        device = next(model.parameters()).device
+        # GPU: Ray's device for this worker (DeepSpeed would take LOCAL_RANK's, wrong for a
+        # fraction of a GPU per worker); CPU: DeepSpeed's LOCAL_RANK path (a negative
+        # device_rank would make it a world of one)
+        args = SimpleNamespace(device_rank=device.index or 0) if device.type == "cuda" else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            dist_init_required=False)
+            args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, precision), dist_init_required=False)
         self.module = self.engine.module
         self.accumulation = accumulation
         self.precision = precision
         self.device_type = "cuda" if on_gpu else "cpu"
+        placed = next(self.module.parameters()).device
+        if placed.type != self.device_type:
+            raise RuntimeError(f"DeepSpeed put the student on {placed}, the worker trains on "
+                               f"{self.device_type} (DS_ACCELERATOR="
+                               f"{os.environ.get('DS_ACCELERATOR')!r})")
         # DeepSpeed's fp16 mode keeps fp16 weights: the images must come in that dtype
         self.input_dtype = torch.float16 if precision == "fp16" else torch.float32
 
     def forward(self, *args, **kwargs):
-        with autocast(self.device_type, "bf16") if self.precision == "bf16" else nullcontext():
-            return self.engine(*args, **kwargs)
+        return self.engine(*args, **kwargs)  # bf16: DeepSpeed's own torch_autocast section
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -64,12 +64,23 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                           "unset RAY_ADDRESS to start a local Ray") from None
 
 
+def workers_get_no_gpu(cfg: Config, address: str | None) -> bool:
+    """Whether it is certain before Ray starts that no worker gets a GPU: engine.device=cpu,
+    or auto on a local instance of a machine without CUDA. An attached cluster's GPUs are not
+    known yet (the workers set DeepSpeed's accelerator themselves: train/engine.py)."""
+    import torch
+
+    if cfg.engine.device == "cpu":
+        return True
+    return cfg.engine.device == "auto" and address is None and not torch.cuda.is_available()
+
+
 def job_env(cfg: Config, address: str | None, api_server: str | None) -> dict[str, str]:
     """The environment variables of the job's processes (see the module docstring).
     `address`: the cluster's RAY_ADDRESS when attaching; `api_server`: the State API of a
-    local instance."""
+    local instance. DS_ACCELERATOR=cpu only where no worker gets a GPU."""
     env = dict(QUIET_ENV)
-    if cfg.engine.device != "cuda":
+    if workers_get_no_gpu(cfg, address):
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
     for key in PASSED_ENV:
         if key in os.environ:

@@ -41,7 +41,7 @@ from icd_dist.train.engine import PRECISION_DTYPES, TrainEngine, build_engine
 from icd_dist.train.metrics import ConfusionMatrix, step_metrics
 from icd_dist.train.progress import ProgressWriter
 from icd_dist.train.run_folder import RunFolder
-from icd_dist.train.teacher_share import build_teacher, fetch_teacher_arrays
+from icd_dist.train.teacher_share import build_teacher, fetch_teacher_arrays, shared_tensors
 from icd_dist.train.tracking import Tracker, overlay_image, wandb_mode
 
 # Test hook: "STEP:EPOCH:RANK" makes that worker exit abruptly once, to test recovery.
@@ -108,18 +108,35 @@ class TrainState:
     bad: dict[tuple[str, str], str] = field(default_factory=dict)  # (shard, key) -> reason
     bad_reads: int = 0  # how often training met a bad sample (every epoch meets it again)
     seconds: float = 0.0  # training time over every attempt
+    # dtypes the student's taps and logits (and the teacher's logits) had in training
+    observed_dtypes: dict = field(default_factory=dict)
 
     def to_saved(self) -> dict:
         """Plain data for torch.save (weights_only loadable)."""
         return {"global_step": self.global_step, "micro_batches": self.micro_batches,
                 "loss_curve": list(self.loss_curve), "bad_reads": self.bad_reads,
-                "bad": [[s, k, r] for (s, k), r in self.bad.items()], "seconds": self.seconds}
+                "bad": [[s, k, r] for (s, k), r in self.bad.items()], "seconds": self.seconds,
+                "observed_dtypes": dict(self.observed_dtypes)}
 
     @classmethod
     def from_saved(cls, d: dict) -> TrainState:
-        """Inverse of to_saved."""
+        """Inverse of to_saved (checkpoints from before observed_dtypes load too)."""
         return cls(d["global_step"], d["micro_batches"], list(d["loss_curve"]),
-                   {(s, k): r for s, k, r in d["bad"]}, d["bad_reads"], d["seconds"])
+                   {(s, k): r for s, k, r in d["bad"]}, d["bad_reads"], d["seconds"],
+                   dict(d.get("observed_dtypes", {})))
+
+
+def dtype_name(t: torch.Tensor | None) -> str | None:
+    """"float32", "bfloat16", ... of a tensor (None without one)."""
+    return None if t is None else str(t.dtype).split(".")[-1]
+
+
+def observed_dtypes(student, teacher=None) -> dict:
+    """The dtypes a forward actually produced: the student's five taps and logits, the
+    teacher's logits (None without a teacher)."""
+    return {"taps": [dtype_name(f) for f in student.features],
+            "logits": dtype_name(student.logits),
+            "teacher_logits": dtype_name(teacher.logits) if teacher is not None else None}
 
 
 def rng_states() -> dict:
@@ -157,12 +174,9 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    choice = cfg.engine.teacher_dtype
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() \
-            else None
-    return PRECISION_DTYPES[choice]
+def _teacher_dtype(cfg: Config) -> torch.dtype | None:
+    """The teacher's weight dtype (None: fp32, as its authors keep it under AMP)."""
+    return PRECISION_DTYPES[cfg.engine.teacher_dtype]
 
 
 def build_student(job: StepJob, device: torch.device, method: Method) -> DeepLabV3:
@@ -175,12 +189,15 @@ def build_student(job: StepJob, device: torch.device, method: Method) -> DeepLab
     if step > 0:
         arrays = fetch_teacher_arrays(job.teacher)
         model = build_model(cfg.model, sizes[:-1], load_pretrained=False)
-        method.init_student(model, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+        method.init_student(model, shared_tensors(arrays))  # load_state_dict copies once
     else:
         model = build_model(cfg.model, sizes)
     if device.type == "cuda" and cfg.engine.num_workers > 1 and cfg.model.norm == "batchnorm":
         model = to_sync_batchnorm(model)
-    return model.to(device)
+    model = model.to(device)
+    if cfg.engine.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _maybe_inject_failure(job: StepJob, epoch: int, rank: int) -> None:
@@ -203,6 +220,10 @@ class StepTrainer:
         self.job, self.cfg, self.task, self.step = job, cfg, task, step
         self.rank, self.world = rank_and_world()
         self.device = _device()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest kernels
+        self.memory_format = torch.channels_last if cfg.engine.channels_last \
+            else torch.contiguous_format
         self.is_chief = self.rank == 0
         self.run = RunFolder(job.run_uri)
         self.budget = StepBudget.of(cfg, step, len(job.train_keys))
@@ -223,6 +244,7 @@ class StepTrainer:
         self.state = TrainState()
         self.start_epoch = 0
         self._seen, self._t0 = 0, time.perf_counter()
+        self._pending_losses: list[torch.Tensor] = []  # rank 0: not yet in the loss curve
         self.progress = ProgressWriter(self.run.storage, self.run.progress(step)) \
             if self.is_chief else None
         self.tracker = Tracker(self.is_chief, wandb_mode(cfg.logging.wandb),
@@ -235,9 +257,11 @@ class StepTrainer:
         if not self.method.needs_teacher:
             return None
         sizes = [len(s) for s in self.task.steps[: self.step]]
-        return build_teacher(inference_state(fetch_teacher_arrays(self.job.teacher)),
-                             self.cfg.model, sizes, self.device,
-                             _teacher_dtype(self.cfg, self.device))
+        teacher = build_teacher(inference_state(fetch_teacher_arrays(self.job.teacher)),
+                                self.cfg.model, sizes, self.device, _teacher_dtype(self.cfg))
+        if self.cfg.engine.channels_last and self.device.type == "cuda":
+            teacher = teacher.to(memory_format=torch.channels_last)  # a copy on GPU anyway
+        return teacher
 
     def _build_loaders(self) -> tuple[StepLoader, StepLoader]:
         cfg, job, task, step = self.cfg, self.job, self.task, self.step
@@ -289,6 +313,7 @@ class StepTrainer:
             if self.state.global_step >= self.budget.iterations:
                 break
             last = self.train_micro_batch(batch, epoch)
+        self.flush_losses()
         if self.progress is not None:
             # .4g: small terms (e.g. the external ICD loss) do not print as 0.0000
             loss_text = ", ".join(f"{k} {float(v):.4g}" for k, v in last.items())
@@ -298,31 +323,44 @@ class StepTrainer:
 
     def train_micro_batch(self, batch, epoch: int) -> dict[str, torch.Tensor]:
         """Forward, backward and (at accumulation boundaries) the optimiser step of one
-        micro-batch; returns its loss components."""
+        micro-batch; returns its loss components (on the device: they are read back to the
+        host every logging.log_every optimiser steps, not every step)."""
         st = self.state
         note_bad_samples(st.bad, batch)
         st.bad_reads += batch.skipped
         st.micro_batches += 1
         self._seen += batch.images.shape[0]
-        images = batch.images.to(self.device, non_blocking=True)
+        images = batch.images.to(self.device, non_blocking=True) \
+            .contiguous(memory_format=self.memory_format)
         labels = batch.labels.to(self.device, non_blocking=True)
         teacher_out = None
         if self.teacher is not None:
-            with torch.no_grad():
+            # the teacher runs under the student's autocast (fp32 weights by default)
+            with torch.no_grad(), self.engine.autocast():
                 teacher_out = self.teacher(images.to(next(self.teacher.parameters()).dtype))
-        loss, parts = self.method(self.engine.forward(images.to(self.engine.input_dtype)),
-                                  teacher_out, labels)
+        student_out = self.engine.forward(images.to(self.engine.input_dtype))
+        if not st.observed_dtypes:
+            st.observed_dtypes = observed_dtypes(student_out, teacher_out)
+        loss, parts = self.method(student_out, teacher_out, labels)
         self.engine.backward(loss)
         if self.engine.step():
             st.global_step += 1
             if self.is_chief:
-                st.loss_curve.append(float(parts["total"]))
+                self._pending_losses.append(parts["total"])
                 if st.global_step % self.cfg.logging.log_every == 0:
+                    self.flush_losses()
                     self.tracker.log({**{f"loss/{k}": float(v) for k, v in parts.items()},
                                       "lr": self.engine.lr(), "epoch": epoch,
                                       "images_per_s": self._images_per_s()},
                                      step=st.global_step)
         return parts
+
+    def flush_losses(self) -> None:
+        """Append the losses of the optimiser steps since the last flush to the loss curve
+        (one device-to-host copy for all of them)."""
+        if self._pending_losses:
+            self.state.loss_curve.extend(torch.stack(self._pending_losses).float().tolist())
+            self._pending_losses = []
 
     def _images_per_s(self) -> float:
         """Training images per second of every rank together, this epoch so far."""
@@ -404,6 +442,7 @@ class StepTrainer:
                       "precision": getattr(self.engine, "precision", "fp32"),
                       "weights_dtype": _dtype_name(self.engine.module),
                       "teacher_dtype": _dtype_name(self.teacher),
+                      "observed_dtypes": st.observed_dtypes,
                       "workers": self.world, "student_digests": student_digests,
                       "teacher_digest": teacher_digest, "loss_curve": st.loss_curve,
                       "resumed_from_epoch": self.start_epoch}

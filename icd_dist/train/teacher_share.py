@@ -42,16 +42,21 @@ def fetch_teacher_arrays(ref_or_arrays) -> dict[str, np.ndarray]:
     return ray.get(ref_or_arrays)
 
 
+def shared_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Tensors that ARE `arrays` (no copy; read-only shared memory from the object store:
+    nothing may write to them, load_state_dict copies out of them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
 def build_teacher(arrays: Mapping[str, np.ndarray], model_cfg, classes_per_step: Sequence[int],
                   device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
     """The frozen teacher built on `arrays`. On CPU without a dtype change its tensors ARE the
     shared arrays (no copy); otherwise they are copied once to `device` / `dtype`."""
     with torch.device("meta"):
         model = build_model(model_cfg, classes_per_step, load_pretrained=False)
-    with warnings.catch_warnings():
-        # read-only shared memory: the teacher never writes to its weights
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    tensors = shared_tensors(arrays)  # the teacher never writes to its weights
     if device.type != "cpu" or (dtype is not None and dtype != torch.float32):
         tensors = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
                    for k, v in tensors.items()}

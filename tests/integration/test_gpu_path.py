@@ -1,5 +1,6 @@
-"""The GPU defaults, forced on CPU: a bf16 teacher, DALI (its CPU operators), DeepSpeed in
-bf16, 2 workers with gradient accumulation; and bf16 with one meaning for both engines."""
+"""The GPU defaults, forced on CPU: DALI (its CPU operators), DeepSpeed in bf16 with the fp32
+teacher under the student's autocast, 2 workers with gradient accumulation; and bf16 with one
+meaning for both engines. Dtypes are checked as the workers observed them in training."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from tests.integration.test_runner import model_digest
 pytestmark = pytest.mark.integration
 
 # micro-batch 2 on each of 2 workers, accumulation 2: a global batch of 8
-GPU_DEFAULTS = ["engine.engine=deepspeed", "engine.precision=bf16", "engine.teacher_dtype=bf16",
+GPU_DEFAULTS = ["engine.engine=deepspeed", "engine.precision=bf16",
                 "data.pipeline=dali", "engine.num_workers=2", "engine.micro_batch_size=2",
                 "optim.batch_size=8", "data.synthetic.num_train=30",
                 # 64 pixels: PLOP's finest POD regions (side W // 4) need 4x4 feature maps
@@ -34,8 +35,12 @@ def test_plop_and_icd_steps_on_the_gpu_defaults(local_ray, tmp_path):
             assert counts[0] == counts[1] and counts[0] % 2 == 0 and counts[0] > 0
             assert s["iterations"] == counts[0] // 2
             assert s["student_digests"][0] == s["student_digests"][1]
+            assert s["observed_dtypes"]["taps"] == ["bfloat16"] * 5
+            assert s["observed_dtypes"]["logits"] == "bfloat16"
         step1 = steps[1]
-        assert step1["teacher_dtype"] == "bfloat16"
+        # the teacher keeps fp32 weights and runs under the student's autocast
+        assert step1["teacher_dtype"] == "float32"
+        assert step1["observed_dtypes"]["teacher_logits"] == "bfloat16"
         assert 0.0 <= step1["miou_all"] <= 1.0
         assert all(torch.isfinite(torch.tensor(step1["loss_curve"])))
     assert summary["steps"][1]["train_images"] > 0
@@ -57,6 +62,7 @@ def test_bf16_is_the_same_method_in_both_engines(local_ray, tmp_path):
     assert curves["deepspeed"] == pytest.approx(curves["ddp"], rel=1e-3, abs=1e-4)
     for engine, s in steps.items():
         assert s["precision"] == "bf16" and s["weights_dtype"] == "float32"
+        assert s["observed_dtypes"]["logits"] == "bfloat16", engine
         run = tmp_path / "runs" / f"bf16-{engine}"
         assert model_digest(run, 0, cfgs[engine]) == s["student_digests"][0]
         saved = torch.load(run / "step_0" / "model.pt", weights_only=True)["state_dict"]

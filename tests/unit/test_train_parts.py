@@ -86,6 +86,36 @@ def test_teacher_built_on_shared_arrays_without_copy():
     assert next(copied.parameters()).dtype == torch.bfloat16
 
 
+def test_student_loads_the_shared_teacher_arrays_without_a_private_copy():
+    from icd_dist.css import get_task
+    from icd_dist.css.classes import generic_spec
+    from icd_dist.losses.methods import build_method
+    from icd_dist.train.step_worker import StepJob, build_student
+
+    cfg = load_config(None, ["model.backbone=resnet18", "model.head_channels=8",
+                             "model.norm=groupnorm", "method.name=mib"])
+    task = get_task(generic_spec("synthetic", 5), "3-2", "overlap")
+    old = DeepLabV3("resnet18", [len(task.steps[0])], head_channels=8, norm="groupnorm")
+    arrays = state_to_numpy(old.state_dict())
+    for a in arrays.values():
+        a.setflags(write=False)  # as the object store hands them out
+    method = build_method(cfg, task, 1)
+    seen = {}
+    load = method.init_student
+
+    def spy(model, state):
+        seen.update({k: v.data_ptr() for k, v in state.items()})
+        load(model, state)
+    method.init_student = spy
+    job = StepJob(cfg, task, 1, "r", "/unused", "", "", [], [], teacher=arrays)
+    student = build_student(job, torch.device("cpu"), method)
+    # the state handed to load_state_dict IS the shared memory (load_state_dict copies once)
+    assert seen == {k: a.__array_interface__["data"][0] for k, a in arrays.items()}
+    assert not shares_memory_with(student, arrays)  # the student owns its weights
+    assert torch.equal(student.state_dict()["head.red_conv.weight"],
+                       old.state_dict()["head.red_conv.weight"])
+
+
 def test_local_storage_round_trip(tmp_path):
     storage = Storage(str(tmp_path / "run")).child("step_0")
     storage.write_json("metrics.json", {"a": 1})
