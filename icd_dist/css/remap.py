@@ -10,6 +10,10 @@
 
 Each rule is one lookup table of 256 entries over the CSS ids of a uint8 label map; ids the
 dataset does not have are marked -1 and make `apply_lut` raise instead of passing through.
+`apply_lut` checks every label map (the torch pipeline applies it per sample on the CPU,
+where checks are free, and names the sample); `DeviceLut` applies a table on the labels'
+device with no check, so without a host synchronisation per batch (the DALI pipeline's
+batches, whose ids the shard builder validated: an id outside the dataset would give -1).
 """
 
 from __future__ import annotations
@@ -95,6 +99,29 @@ def apply_lut(lut: np.ndarray, labels: np.ndarray | torch.Tensor,
         bad = sorted(int(v) for v in np.unique(arr[out == INVALID]))
         raise ValueError(f"{source}: label ids {bad} are not classes of this dataset")
     return out.astype(np.uint8)
+
+
+class DeviceLut:
+    """A lookup table applied to uint8 label batches on their own device without checks (no
+    host synchronisation): the int64 table is uploaded once per device and kept."""
+
+    def __init__(self, lut: np.ndarray):
+        self.lut = lut
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def table(self, device: torch.device) -> torch.Tensor:
+        """The int64 table on `device` (built at its first use there)."""
+        table = self._tables.get(device)
+        if table is None:
+            import torch
+
+            table = self._tables[device] = torch.as_tensor(self.lut).long().to(device)
+        return table
+
+    def __call__(self, labels: torch.Tensor) -> torch.Tensor:
+        """int64 labels on the labels' device: the table's entry for each id of the integer
+        tensor `labels` (ids in 0..255; ids outside the dataset give INVALID, unchecked)."""
+        return self.table(labels.device)[labels.long()]
 
 
 def _is_tensor(x) -> bool:
