@@ -1,25 +1,49 @@
-"""One command for a GPU machine: the checks that need CUDA, run in one go, written to one JSON.
+"""One command for a GPU machine: the checks that need CUDA, written to one JSON. Sized for a
+short device slot: the default plan's time limits add up to 8 minutes (480 s), so it fits a
+15-minute loan, start included, with room to run it once more; `--parts` runs the rest.
 
-Four parts, each a subprocess with its own time limit (one failing does not stop the others):
-  cuda_tests  every test marked `cuda` (pytest -m cuda over tests/), counted from its JUnit XML
-  loss_bench  tools/bench_loss.py --device cuda: the ICD losses fwd+bwd, Triton vs compiled vs
-              eager, each against a device-to-device copy's bandwidth, peak extra memory
-  data_bench  tools/bench_data.py --dali-device gpu: DALI decoding/augmenting on the GPU vs
-              the torch pipeline and a plain DataLoader, batches timed onto the GPU
-  run         python -m icd_dist.run on a VOC-shaped config (configs/voc/15-1_icd.yaml: a
-              DeepLabV3-ResNet-101, 21 classes, crop 512, 15-1 stopped after its first
-              incremental step) on synthetic data, in bf16 (DeepSpeed, bf16 teacher), DALI on
-              the GPU, 1 worker with gradient accumulation 2, a small iteration budget
+Each part is a subprocess (or two) with its own time limit; one failing does not stop the
+others. The default plan, in order (limits in seconds):
+  cuda_tests     120  the tests marked `cuda` except the compiled-path ones (pytest -m cuda
+                      -k "not compiled"): the Triton kernels against float64, every dtype and
+                      layout, the path the run takes; counted from its JUnit XML
+  run            285  python -m icd_dist.run on a VOC-shaped config (configs/voc/15-1_icd.yaml:
+                      DeepLabV3-ResNet-101, 21 classes, crop 512, 15-1 stopped after its first
+                      incremental step) on synthetic data: DeepSpeed in bf16 (the teacher at
+                      its configured default), DALI on the GPU, 1 worker, micro-batch 2 x
+                      accumulation 2, 12 + 4 iterations. Each step's metrics.json must show
+                      the configured precision's dtype in every observed feature tap and
+                      logit (`observed_dtypes`), else the part fails
+  loss_quick      75  tools/bench_loss.py at the real tap sizes (batch 12, crop 512, bf16),
+                      Triton vs eager only (no inductor compile), against a device-to-device
+                      copy's bandwidth
+The other parts, run with `--parts` (their limits count only when selected; `--quick` runs
+them smaller, with the second limit):
+  cuda_compiled  300  the rest of the `cuda` tests: the compiled (inductor) path, a recompile
+                      per dtype/layout
+  loss_bench     600 / 300  bench_loss.py in full: Triton vs compiled vs eager, peak memory
+  data_bench     600 / 300  tools/bench_data.py --dali-device gpu: DALI on the GPU vs the torch
+                      pipeline and a plain DataLoader, batches timed onto the GPU
+  channels_last  600 / 420  the run twice, engine.channels_last=false then =true (40 + 8
+                      iterations; 12 + 4 with --quick): images/s of each step and of both
+                      steps together (global batch x iterations / training seconds, which
+                      include the first iterations' warm-up), and true over false
+
+    python tools/gpu_check.py                       # the default plan, under 8 minutes
+    python tools/gpu_check.py --parts loss_bench    # more, in another command
+    python tools/gpu_check.py --parts all --dry-run # every part, its command and limit
 
 It prints a table (part, status, seconds, key numbers) and writes one JSON (default
-tools/results/gpu_check/<device-name>.json): device, CUDA and driver, the versions of torch,
-Triton, DeepSpeed, Ray and DALI, and per part its command, status, return code, seconds, the
-tail of its output and the numbers read from its outputs. When that file already holds a
-report from the same device, the parts not run this time are kept (so the parts can run in
-separate commands). Exit status 0 when every part run is ok, 1 otherwise, 2 without CUDA.
+tools/results/gpu_check/<device-name>.json), again after each part so that a slot cut short
+keeps what finished: device, CUDA and driver, the versions of torch, Triton, DeepSpeed, Ray
+and DALI, and per part its command, status, return code, seconds, the tail of its output and
+the numbers read from its outputs. When that file already holds a report from the same
+device, the parts not run this time are kept (so the parts can run in separate commands).
+Exit status 0 when every part run is ok, 1 otherwise, 2 without CUDA. `--dry-run` lists the
+plan (each part's command and limit, the total and whether it fits 480 s) and needs no GPU.
 
-    python tools/gpu_check.py [--parts cuda_tests,loss_bench,data_bench,run] [--quick]
-                              [--out FILE] [--workdir DIR] [--keep] [--timeout S] [--dry-run]
+    python tools/gpu_check.py [--parts default|all|NAME,...] [--quick] [--out FILE]
+                              [--workdir DIR] [--keep] [--timeout S] [--dry-run]
 """
 
 from __future__ import annotations
@@ -47,13 +71,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "tools" / "results" / "gpu_check"
-PARTS = ("cuda_tests", "loss_bench", "data_bench", "run")
+# Every part, in the order they run; the default plan is the first three.
+PARTS = ("cuda_tests", "run", "loss_quick", "cuda_compiled", "loss_bench", "data_bench",
+         "channels_last")
+DEFAULT_PLAN = ("cuda_tests", "run", "loss_quick")
+SLOT_SECONDS = 480  # the default plan's limits must add up to no more (twice fits 15 minutes)
+# Seconds per part: (as selected, with --quick). The default plan's parts have one size; a
+# first call compiles Triton/inductor kernels, and the run starts Ray and DeepSpeed per step.
+TIMEOUTS = {"cuda_tests": (120, 120), "run": (285, 285), "loss_quick": (75, 75),
+            "cuda_compiled": (300, 300), "loss_bench": (600, 300), "data_bench": (600, 300),
+            "channels_last": (600, 420)}
 RUN_CONFIG = "configs/voc/15-1_icd.yaml"
 TAIL_CHARS = 4000
 RUN_BATCH = 4  # the run's global batch (optim.batch_size): micro-batch 2 x accumulation 2
-# Seconds per part: (full, --quick). The first call compiles Triton/inductor kernels.
-TIMEOUTS = {"cuda_tests": (900, 450), "loss_bench": (600, 300), "data_bench": (600, 300),
-            "run": (1200, 600)}
+RUN_PRECISION = "bf16"
+# (step 0, later steps) iterations: the run part, and channels_last in full
+RUN_ITERATIONS = (12, 4)
+CHANNELS_LAST_ITERATIONS = (40, 8)
+# The tensor dtype (str(tensor.dtype) without "torch.") each configured precision gives the
+# student's feature taps and logits, and the teacher's logits under the student's autocast.
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -67,13 +104,23 @@ class Part:
     outputs: dict[str, Path] = field(default_factory=dict)  # files the part writes
     env: dict[str, str] = field(default_factory=dict)
     what: str = ""
+    then: list[list[str]] = field(default_factory=list)  # run after `command`, same limit
+    precision: str | None = None  # the precision its runs are configured with
+
+    @property
+    def commands(self) -> list[list[str]]:
+        return [self.command, *self.then]
+
+    def command_text(self) -> str:
+        """Its command line(s) as shell text, `; ` between two."""
+        return "; ".join(shlex.join(c) for c in self.commands)
 
 
 @dataclass
 class Outcome:
-    """What running a part's command gave."""
+    """What running a part's command(s) gave."""
 
-    returncode: int | None  # None: killed at its time limit
+    returncode: int | None  # None: killed at its time limit; else the first non-zero, or 0
     seconds: float
     output: str  # stdout and stderr, interleaved
 
@@ -84,14 +131,14 @@ class PartResult:
     status: str  # ok | failed | timeout | unavailable
     returncode: int | None
     seconds: float
-    command: list[str]
+    command: str  # shell text
     output_tail: str
     numbers: dict
     reason: str | None = None
 
     def to_dict(self) -> dict:
         return {"status": self.status, "reason": self.reason, "returncode": self.returncode,
-                "seconds": round(self.seconds, 2), "command": shlex.join(self.command),
+                "seconds": round(self.seconds, 2), "command": self.command,
                 "numbers": self.numbers, "output_tail": self.output_tail}
 
 
@@ -100,18 +147,20 @@ class PartResult:
 # --------------------------------------------------------------------------------------
 
 
-def run_overrides(workdir: Path, quick: bool) -> list[str]:
-    """The key=value overrides that turn configs/voc/15-1_icd.yaml into the GPU check's run:
-    synthetic VOC-shaped data (21 classes, 500x375 images), no pretrained weights, bf16
-    (DeepSpeed and the teacher), DALI on the GPU, 1 worker, micro-batch 2 x accumulation 2."""
+def run_overrides(workdir: Path, name: str = "gpu_check",
+                  iterations: tuple[int, int] = RUN_ITERATIONS) -> list[str]:
+    """The key=value overrides that turn configs/voc/15-1_icd.yaml into the GPU check's run
+    under `workdir` (runs/, data/): synthetic VOC-shaped data (21 classes, 500x375 images),
+    no pretrained weights, bf16 (the teacher's dtype is the config's default), DALI on the
+    GPU, 1 worker, micro-batch 2 x accumulation 2, `iterations` (step 0, later steps)."""
     return [
-        "run.name=gpu_check",
+        f"run.name={name}",
         f"run.storage_path={workdir / 'runs'}",
         "data.dataset=synthetic",
         f"data.train_shards={workdir / 'data' / 'train'}",
         f"data.eval_shards={workdir / 'data' / 'val'}",
         "data.synthetic.classes=21",
-        f"data.synthetic.num_train={48 if quick else 96}",
+        "data.synthetic.num_train=96",
         "data.synthetic.num_eval=16",
         "data.synthetic.height=375",
         "data.synthetic.width=500",
@@ -121,12 +170,11 @@ def run_overrides(workdir: Path, quick: bool) -> list[str]:
         "model.pretrained=none",
         "engine.device=cuda",
         "engine.num_workers=1",
-        "engine.precision=bf16",
-        "engine.teacher_dtype=bf16",
+        f"engine.precision={RUN_PRECISION}",
         f"optim.batch_size={RUN_BATCH}",
         "engine.micro_batch_size=2",
-        f"optim.iterations={4 if quick else 20}",
-        f"optim.iterations_incremental={4 if quick else 10}",
+        f"optim.iterations={iterations[0]}",
+        f"optim.iterations_incremental={iterations[1]}",
         "eval.batch_size=4",
         "logging.wandb=disabled",
     ]
@@ -139,18 +187,42 @@ def build_parts(workdir: Path, quick: bool = False, python: str = sys.executable
     def limit(name: str) -> float:
         return timeout if timeout else TIMEOUTS[name][1 if quick else 0]
 
-    tests_xml = workdir / "cuda_tests.xml"
-    loss_json = workdir / "bench_loss.json"
+    def pytest(selection: str, xml: Path) -> list[str]:
+        return [python, "-m", "pytest", "-q", "-m", "cuda", "-k", selection, "-p",
+                "no:cacheprovider", "--continue-on-collection-errors", "-rfEs",
+                f"--junitxml={xml}", "tests"]
+
+    def run(folder: Path, name: str, iterations: tuple[int, int], *extra: str) -> list[str]:
+        return [python, "-m", "icd_dist.run", "--config", RUN_CONFIG, "--last-step", "1",
+                *run_overrides(folder, name, iterations), *extra]
+
+    tests_xml, compiled_xml = workdir / "cuda_tests.xml", workdir / "cuda_compiled.xml"
+    quick_json, loss_json = workdir / "bench_loss_quick.json", workdir / "bench_loss.json"
     data_json = workdir / "bench_data.json"
     loss_size = ["--batch", "4", "--repeats", "3"] if quick else []
     data_size = ["--images", "128", "--rounds", "2"] if quick else ["--images", "512",
                                                                     "--rounds", "3"]
+    cl_dir = workdir / "channels_last"
+    cl_iterations = RUN_ITERATIONS if quick else CHANNELS_LAST_ITERATIONS
+    run_needs = ("torch", "ray", "deepspeed", "nvidia.dali")
     parts = [
-        Part("cuda_tests",
-             [python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-              "--continue-on-collection-errors", "-rfEs", f"--junitxml={tests_xml}", "tests"],
-             limit("cuda_tests"), ("pytest", "torch"), {"junit": tests_xml},
-             what="every test marked cuda"),
+        Part("cuda_tests", pytest("not compiled", tests_xml), limit("cuda_tests"),
+             ("pytest", "torch"), {"junit": tests_xml},
+             what="the cuda tests but the compiled path's: Triton kernels vs float64"),
+        Part("run", run(workdir, "gpu_check", RUN_ITERATIONS), limit("run"), run_needs,
+             {"runs": workdir / "runs"}, env={"WANDB_MODE": "disabled"},
+             what=f"2 steps of VOC 15-1 (ICD), synthetic data, {RUN_PRECISION}, DALI, "
+                  f"1 worker, {RUN_ITERATIONS[0]} + {RUN_ITERATIONS[1]} iterations; "
+                  "observed dtypes checked",
+             precision=RUN_PRECISION),
+        Part("loss_quick",
+             [python, "tools/bench_loss.py", "--device", "cuda", "--impls", "eager,triton",
+              "--repeats", "3", "--out", str(quick_json)],
+             limit("loss_quick"), ("torch", "triton", "psutil"), {"json": quick_json},
+             what="ICD losses at batch 12: Triton vs eager vs a device-to-device copy"),
+        Part("cuda_compiled", pytest("compiled", compiled_xml), limit("cuda_compiled"),
+             ("pytest", "torch"), {"junit": compiled_xml},
+             what="the compiled path's cuda tests (an inductor compile each)"),
         Part("loss_bench",
              [python, "tools/bench_loss.py", "--device", "cuda", *loss_size,
               "--out", str(loss_json)],
@@ -161,14 +233,24 @@ def build_parts(workdir: Path, quick: bool = False, python: str = sys.executable
               "--out", str(data_json)],
              limit("data_bench"), ("torch", "nvidia.dali", "torchvision"), {"json": data_json},
              what="input pipelines, DALI on the GPU"),
-        Part("run",
-             [python, "-m", "icd_dist.run", "--config", RUN_CONFIG, "--last-step", "1",
-              *run_overrides(workdir, quick)],
-             limit("run"), ("torch", "ray", "deepspeed", "nvidia.dali"),
-             {"runs": workdir / "runs"}, env={"WANDB_MODE": "disabled"},
-             what="2 steps of VOC 15-1 (ICD), synthetic data, bf16, DALI, 1 worker"),
+        Part("channels_last",
+             run(cl_dir, "gpu_check_cl_false", cl_iterations, "engine.channels_last=false"),
+             limit("channels_last"), run_needs,
+             {"false": cl_dir / "runs" / "gpu_check_cl_false",
+              "true": cl_dir / "runs" / "gpu_check_cl_true"},
+             env={"WANDB_MODE": "disabled"},
+             what=f"the run twice ({cl_iterations[0]} + {cl_iterations[1]} iterations), "
+                  "engine.channels_last=false then true: images/s of each",
+             then=[run(cl_dir, "gpu_check_cl_true", cl_iterations,
+                       "engine.channels_last=true")],
+             precision=RUN_PRECISION),
     ]
     return {p.name: p for p in parts}
+
+
+def plan_seconds(parts: dict[str, Part], names: list[str] | tuple[str, ...]) -> float:
+    """The sum of the named parts' time limits."""
+    return sum(parts[n].timeout for n in names)
 
 
 # --------------------------------------------------------------------------------------
@@ -269,21 +351,41 @@ def parse_data_bench(part: Part, output: str) -> tuple[dict, str | None]:
     return numbers, "; ".join(problems) or None
 
 
-def parse_run(part: Part, output: str) -> tuple[dict, str | None]:
-    """The run's final line and each step's metrics.json: seconds, iterations, images/s,
-    first and last loss, mIoU; a problem when a step is missing or a loss is not finite."""
-    numbers: dict = {"steps": []}
-    for line in reversed(output.splitlines()):
-        try:
-            final = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(final, dict) and "run" in final:
-            numbers.update({k: final[k] for k in ("final_miou_all", "final_hiou") if k in final})
-            break
-    problems = []
-    runs = part.outputs["runs"]
-    files = sorted(runs.glob("*/step_*/metrics.json")) if runs.is_dir() else []
+def dtype_problem(m: dict, configured: str | None) -> str | None:
+    """Whether a step's metrics.json shows its precision in the tensors: every observed
+    student tap and logit (and the teacher's logits, under the student's autocast) in the
+    dtype of the resolved `precision`, that precision the one the run was configured with
+    (`configured`, None: any), and the teacher's logits recorded after step 0 (the run's
+    method, ICD, has a teacher there). None when it does; else the problem, in one line."""
+    step, precision = m.get("step"), m.get("precision")
+    want = PRECISION_DTYPE.get(precision)
+    if want is None:
+        return f"step {step}: precision {precision!r} is none of {', '.join(PRECISION_DTYPE)}"
+    if configured and precision != configured:
+        return f"step {step}: precision {precision}, the run was configured with {configured}"
+    seen = m.get("observed_dtypes")
+    if not isinstance(seen, dict):
+        return f"step {step}: metrics.json has no observed_dtypes (a run that does not " \
+               f"record them cannot show its {precision} dtypes)"
+    taps = seen.get("taps")
+    if not isinstance(taps, list) or not taps:
+        return f"step {step}: observed_dtypes has no feature taps"
+    wrong = [f"tap {i} {d}" for i, d in enumerate(taps) if d != want]
+    wrong += [f"{k} {seen.get(k)}" for k in ("logits", "teacher_logits")
+              if seen.get(k) != want and not (k == "teacher_logits" and seen.get(k) is None)]
+    if wrong:
+        return f"step {step}: observed {', '.join(wrong)}; expected {want} (precision " \
+               f"{precision})"
+    if seen.get("teacher_logits") is None and isinstance(step, int) and step > 0:
+        return f"step {step}: observed_dtypes has no teacher_logits after step 0"
+    return None
+
+
+def read_steps(files: list[Path], precision: str | None) -> tuple[list[dict], list[str]]:
+    """Each step's numbers from its metrics.json: seconds, iterations, images/s, first and
+    last loss, mIoU, the precision and the observed dtypes; the problems found (a loss not
+    finite, a dtype not the precision's: see dtype_problem)."""
+    steps, problems = [], []
     for f in files:
         m = json.loads(f.read_text())
         curve = m.get("loss_curve") or []
@@ -291,20 +393,80 @@ def parse_run(part: Part, output: str) -> tuple[dict, str | None]:
                 "iterations": m.get("iterations"), "train_images": m.get("train_images"),
                 "loss_first": curve[0] if curve else None,
                 "loss_last": curve[-1] if curve else None,
-                "miou_all": m.get("miou_all"), "engine": m.get("engine")}
+                "miou_all": m.get("miou_all"), "engine": m.get("engine"),
+                "precision": m.get("precision"), "teacher_weights": m.get("teacher_dtype"),
+                "observed_dtypes": m.get("observed_dtypes")}
         if m.get("seconds") and m.get("iterations"):
             step["images_per_s"] = round(RUN_BATCH * m["iterations"] / m["seconds"], 2)
         if not curve or not _finite(*curve):
             problems.append(f"step {m.get('step')}: loss curve empty or not finite")
-        numbers["steps"].append(step)
+        problem = dtype_problem(m, precision)
+        if problem:
+            problems.append(problem)
+        steps.append(step)
+    return steps, problems
+
+
+def final_line(output: str) -> dict:
+    """The run's last line that is a JSON object with "run" (its final mIoU and hIoU)."""
+    for line in reversed(output.splitlines()):
+        try:
+            final = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(final, dict) and "run" in final:
+            return final
+    return {}
+
+
+def parse_run(part: Part, output: str) -> tuple[dict, str | None]:
+    """The run's final line and each step's metrics.json (read_steps); a problem when a step
+    is missing, a loss is not finite or an observed dtype is not the precision's."""
+    numbers: dict = {"steps": []}
+    final = final_line(output)
+    numbers.update({k: final[k] for k in ("final_miou_all", "final_hiou") if k in final})
+    runs = part.outputs["runs"]
+    files = sorted(runs.glob("*/step_*/metrics.json")) if runs.is_dir() else []
+    numbers["steps"], problems = read_steps(files, part.precision)
     if len(files) < 2:
         problems.append(f"{len(files)} of 2 steps finished")
     return numbers, "; ".join(problems) or None
 
 
+def parse_channels_last(part: Part, output: str) -> tuple[dict, str | None]:
+    """Per setting of engine.channels_last (its run folder: the config it ran with, each
+    step as read_steps reads it): images/s of both steps together (global batch x
+    iterations / seconds); and true over false. The same problems as the run's, per
+    setting, and a run whose config.yaml does not hold the setting asked for."""
+    import yaml
+
+    numbers: dict = {}
+    problems = []
+    for setting in ("false", "true"):
+        folder = part.outputs[setting]
+        files = sorted(folder.glob("step_*/metrics.json")) if folder.is_dir() else []
+        steps, found = read_steps(files, part.precision)
+        config = folder / "config.yaml"
+        if config.is_file():
+            ran = (yaml.safe_load(config.read_text()).get("engine") or {}).get("channels_last")
+            if ran is not (setting == "true"):
+                found.append(f"its config.yaml has engine.channels_last {ran}")
+        if len(files) < 2:
+            found.append(f"{len(files)} of 2 steps finished")
+        seconds = sum(s["seconds"] for s in steps)
+        iterations = sum(s["iterations"] or 0 for s in steps)
+        numbers[setting] = {"steps": steps, "images_per_s":
+                            round(RUN_BATCH * iterations / seconds, 2) if seconds else None}
+        problems += [f"channels_last={setting}: {p}" for p in found]
+    rates = [numbers[s]["images_per_s"] for s in ("false", "true")]
+    numbers["true_vs_false"] = round(rates[1] / rates[0], 3) if all(rates) else None
+    return numbers, "; ".join(problems) or None
+
+
 PARSERS: dict[str, Callable[[Part, str], tuple[dict, str | None]]] = {
-    "cuda_tests": parse_cuda_tests, "loss_bench": parse_loss_bench,
-    "data_bench": parse_data_bench, "run": parse_run}
+    "cuda_tests": parse_cuda_tests, "cuda_compiled": parse_cuda_tests,
+    "loss_quick": parse_loss_bench, "loss_bench": parse_loss_bench,
+    "data_bench": parse_data_bench, "run": parse_run, "channels_last": parse_channels_last}
 
 
 def missing_modules(part: Part) -> list[str]:
@@ -336,27 +498,35 @@ def judge(part: Part, outcome: Outcome) -> PartResult:
         status, reason = "failed", problem
     else:
         status, reason = "ok", None
-    return PartResult(part.name, status, outcome.returncode, outcome.seconds, part.command,
-                      tail, numbers, reason)
+    return PartResult(part.name, status, outcome.returncode, outcome.seconds,
+                      part.command_text(), tail, numbers, reason)
 
 
 def run_command(part: Part) -> Outcome:
-    """Run the part's command from the repository root, output to a file, in its own process
-    group, which is killed (SIGKILL) at the time limit."""
+    """Run the part's command(s) one after the other from the repository root, output to a
+    file, each in its own process group, which is killed (SIGKILL) when the part's time limit
+    (for all of them together) runs out; a later command runs even when one failed."""
     env = {**os.environ, **part.env, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                       os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryFile("w+", errors="replace") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(part.command, cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            rc: int | None = proc.wait(timeout=part.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
+        rc: int | None = 0
+        for command in part.commands:
+            if len(part.commands) > 1:
+                log.write(f"$ {shlex.join(command)}\n")
+                log.flush()
+            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+            try:
+                code = proc.wait(timeout=max(0.0, part.timeout - (time.perf_counter() - start)))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rc = None
+                break
+            rc = rc or code
         seconds = time.perf_counter() - start
         log.seek(0)
         return Outcome(rc, seconds, log.read())
@@ -429,10 +599,12 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
+
 def assemble_report(device: dict, vers: dict, results: list[PartResult], argv: list[str],
                     previous: dict | None = None, git: dict | None = None) -> dict:
     """The JSON document: this run's parts, plus the parts of `previous` (an earlier report of
-    the same device) that were not run this time."""
+    the same device) that were not run this time. `ok`: every part there and ok;
+    `default_plan_ok`: the default plan's parts there and ok."""
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     parts: dict[str, dict] = {}
     if previous and previous.get("device", {}).get("name") == device.get("name"):
@@ -440,12 +612,14 @@ def assemble_report(device: dict, vers: dict, results: list[PartResult], argv: l
     for r in results:
         parts[r.name] = {**r.to_dict(), "finished": now}
     ordered = {name: parts[name] for name in PARTS if name in parts}
+
+    def all_ok(names) -> bool:
+        return all(ordered.get(n, {}).get("status") == "ok" for n in names)
+
     return {"tool": "tools/gpu_check.py", "created": now,
             "command": shlex.join(["python", "tools/gpu_check.py", *argv]),
             "device": device, "versions": vers, "git": git,
-            "ok": set(ordered) == set(PARTS) and all(p["status"] == "ok"
-                                                     for p in ordered.values()),
-            "parts": ordered}
+            "ok": all_ok(PARTS), "default_plan_ok": all_ok(DEFAULT_PLAN), "parts": ordered}
 
 
 def exit_code(results: list[PartResult]) -> int:
@@ -453,14 +627,30 @@ def exit_code(results: list[PartResult]) -> int:
     return 0 if results and all(r.status == "ok" for r in results) else 1
 
 
+def _run_summary(steps: list[dict]) -> str:
+    bits = []
+    for s in steps:
+        if s.get("loss_first") is None:
+            continue
+        text = f"step {s['step']}: {s['iterations']} it in {s['seconds']:.0f} s, " \
+               f"loss {s['loss_first']:.3g} -> {s['loss_last']:.3g}"
+        seen = s.get("observed_dtypes") or {}
+        names = {*(seen.get("taps") or []), seen.get("logits"), seen.get("teacher_logits")}
+        names.discard(None)
+        if names:
+            text += f", {s.get('precision')}: {'/'.join(sorted(names))}"
+        bits.append(text)
+    return "; ".join(bits)
+
+
 def summary(r: PartResult) -> str:
     """The key numbers of a part in one line."""
     n = r.numbers
     try:
-        if r.name == "cuda_tests" and n:
+        if r.name in ("cuda_tests", "cuda_compiled") and n:
             return f"{n['passed']} passed, {n['failed']} failed, {n['errors']} errors, " \
                    f"{n['skipped']} skipped"
-        if r.name == "loss_bench" and n:
+        if r.name in ("loss_quick", "loss_bench") and n:
             bits = []
             for impl, v in n["impls"].items():
                 if "ms" in v:
@@ -475,23 +665,48 @@ def summary(r: PartResult) -> str:
                                                   if not p.endswith("_vs_torch")) + " img/s"
                              for k, rates in n["inputs"].items())
         if r.name == "run" and n.get("steps"):
-            steps = "; ".join(f"step {s['step']}: {s['iterations']} it in {s['seconds']:.0f} s, "
-                              f"loss {s['loss_first']:.3g} -> {s['loss_last']:.3g}"
-                              for s in n["steps"] if s.get("loss_first") is not None)
-            return steps + (f"; final mIoU {n['final_miou_all']:.3f}"
-                            if isinstance(n.get("final_miou_all"), float) else "")
+            return _run_summary(n["steps"]) + (f"; final mIoU {n['final_miou_all']:.3f}"
+                                               if isinstance(n.get("final_miou_all"), float)
+                                               else "")
+        if r.name == "channels_last" and n:
+            rate = {s: n[s]["images_per_s"] for s in ("false", "true")}
+            return ", ".join(f"{s} {v:.1f} img/s" if v else f"{s} -" for s, v in rate.items()) \
+                + (f"; true/false {n['true_vs_false']:.3f}" if n.get("true_vs_false") else "")
     except (KeyError, TypeError, ValueError):
         pass
     return ""
 
 
 def format_table(results: list[PartResult]) -> str:
-    lines = [f"{'part':<11} {'status':<11} {'seconds':>8}  numbers", "-" * 78]
+    lines = [f"{'part':<13} {'status':<11} {'seconds':>8}  numbers", "-" * 80]
     for r in results:
         text = summary(r)
         if r.reason:
             text = f"{r.reason}" + (f" | {text}" if text else "")
-        lines.append(f"{r.name:<11} {r.status:<11} {r.seconds:>8.1f}  {text}")
+        lines.append(f"{r.name:<13} {r.status:<11} {r.seconds:>8.1f}  {text}")
+    return "\n".join(lines)
+
+
+def plan_text(parts: dict[str, Part], names: list[str], default: bool) -> str:
+    """The dry run's listing: each part with its limit and command(s), the total of the
+    limits against SLOT_SECONDS, and the parts left out."""
+    lines = []
+    for name in names:
+        part = parts[name]
+        env = "".join(f"{k}={v} " for k, v in part.env.items())
+        lines.append(f"\n[{name}] {part.what} (time limit {part.timeout:.0f} s; needs "
+                     f"{', '.join(part.needs)})")
+        lines += [f"  {env}{shlex.join(c)}" for c in part.commands]
+    total = plan_seconds(parts, names)
+    fits = "within" if total <= SLOT_SECONDS else f"over, by {total - SLOT_SECONDS:.0f} s,"
+    lines.append(f"\n{'default plan' if default else 'selected parts'}: "
+                 + " + ".join(f"{n} {parts[n].timeout:.0f}" for n in names)
+                 + f" = {total:.0f} s of time limits, {fits} the {SLOT_SECONDS} s of a short "
+                 "device slot")
+    rest = [n for n in PARTS if n not in names]
+    if rest:
+        lines.append("not in it: " + ", ".join(f"{n} ({parts[n].timeout:.0f} s)" for n in rest)
+                     + "; run them with --parts NAME[,NAME...]")
     return "\n".join(lines)
 
 
@@ -503,10 +718,13 @@ def format_table(results: list[PartResult]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python tools/gpu_check.py",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default=",".join(PARTS),
-                   help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
+    p.add_argument("--parts", default="default",
+                   help=f"comma-separated parts to run, or `default` (the plan that fits "
+                        f"{SLOT_SECONDS} s: {','.join(DEFAULT_PLAN)}) or `all`; known: "
+                        f"{','.join(PARTS)}")
     p.add_argument("--quick", action="store_true",
-                   help="smaller benchmark sizes and run budget, shorter time limits")
+                   help="the parts outside the default plan at smaller sizes and shorter time "
+                        "limits (the default plan's parts have one size)")
     p.add_argument("--out", help="the JSON to write (default "
                    "tools/results/gpu_check/<device-name>.json)")
     p.add_argument("--workdir", help="folder for the parts' outputs, synthetic data and run "
@@ -514,13 +732,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--timeout", type=float, help="seconds per part, instead of each part's own")
     p.add_argument("--dry-run", action="store_true",
-                   help="print each part's command and exit (needs no GPU)")
+                   help="list the parts to run: command, time limit, the total of the limits "
+                        f"and whether it fits {SLOT_SECONDS} s (needs no GPU)")
     args = p.parse_args(argv)
-    args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    unknown = [s for s in args.parts if s not in PARTS]
-    if unknown or not args.parts:
+    names = [s.strip() for s in args.parts.split(",") if s.strip()]
+    args.default_plan = names == ["default"]
+    names = [n for s in names for n in {"default": DEFAULT_PLAN, "all": PARTS}.get(s, (s,))]
+    unknown = [s for s in names if s not in PARTS]
+    if unknown or not names:
         p.error(f"unknown part(s) {', '.join(unknown) or '(none given)'}; "
-                f"known: {', '.join(PARTS)}")
+                f"known: {', '.join(PARTS)} (or default, all)")
+    args.parts = list(dict.fromkeys(names))
     return args
 
 
@@ -533,8 +755,8 @@ def cuda_available() -> bool:
 def main(argv: list[str] | None = None, runner: Callable[[Part], Outcome] = run_command,
          has_cuda: Callable[[], bool] = cuda_available,
          describe: Callable[[], tuple[dict, dict]] | None = None) -> int:
-    """Run the selected parts and write the report; `runner`, `has_cuda` and `describe`
-    (device info and versions) are replaceable for tests."""
+    """Run the selected parts and write the report (after each part); `runner`, `has_cuda`
+    and `describe` (device info and versions) are replaceable for tests."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.dry_run:
@@ -542,11 +764,7 @@ def main(argv: list[str] | None = None, runner: Callable[[Part], Outcome] = run_
         parts = build_parts(workdir, args.quick, timeout=args.timeout)
         print(f"gpu_check dry run: {len(args.parts)} part(s), run from {ROOT}, outputs under "
               f"{workdir}; would write {args.out or RESULTS / '<device-name>.json'}")
-        for name in args.parts:
-            part = parts[name]
-            env = "".join(f"{k}={v} " for k, v in part.env.items())
-            print(f"\n[{name}] {part.what} (time limit {part.timeout:.0f} s; needs "
-                  f"{', '.join(part.needs)})\n  {env}{shlex.join(part.command)}")
+        print(plan_text(parts, args.parts, args.default_plan))
         return 0
     if not has_cuda():
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on "
@@ -559,34 +777,42 @@ def main(argv: list[str] | None = None, runner: Callable[[Part], Outcome] = run_
     workdir.mkdir(parents=True, exist_ok=True)
     parts = build_parts(workdir.resolve(), args.quick, timeout=args.timeout)
     print(f"gpu_check on {device['name']} (driver {device.get('driver')}, CUDA "
-          f"{vers.get('torch_cuda')}, torch {vers.get('torch')}); work folder {workdir}",
+          f"{vers.get('torch_cuda')}, torch {vers.get('torch')}); work folder {workdir}; "
+          f"{', '.join(args.parts)}: {plan_seconds(parts, args.parts):.0f} s of time limits",
           flush=True)
-    results = []
-    try:
-        for name in args.parts:
-            part = parts[name]
-            missing = missing_modules(part)
-            if missing:
-                r = PartResult(name, "unavailable", None, 0.0, part.command, "", {},
-                               f"cannot import {', '.join(missing)}")
-            else:
-                print(f"[{name}] {shlex.join(part.command)}", flush=True)
-                r = judge(part, runner(part))
-            results.append(r)
-            print(f"[{name}] {r.status} in {r.seconds:.0f} s" +
-                  (f": {r.reason}" if r.reason else ""), flush=True)
-    finally:
-        if not args.keep and not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     previous = None
     if out.is_file():
         try:
             previous = json.loads(out.read_text())
         except ValueError:
             previous = None
-    report = assemble_report(device, vers, results, argv, previous, git_commit())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    git = git_commit()
+    results: list[PartResult] = []
+
+    def write_report() -> dict:
+        report = assemble_report(device, vers, results, argv, previous, git)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+    try:
+        for name in args.parts:
+            part = parts[name]
+            missing = missing_modules(part)
+            if missing:
+                r = PartResult(name, "unavailable", None, 0.0, part.command_text(), "", {},
+                               f"cannot import {', '.join(missing)}")
+            else:
+                print(f"[{name}] {part.command_text()}", flush=True)
+                r = judge(part, runner(part))
+            results.append(r)
+            print(f"[{name}] {r.status} in {r.seconds:.0f} s" +
+                  (f": {r.reason}" if r.reason else ""), flush=True)
+            write_report()  # a slot cut short keeps the parts that finished
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report = write_report()
     print()
     print(format_table(results))
     kept = [p for p in report["parts"] if p not in args.parts]

@@ -1,6 +1,8 @@
-"""tools/gpu_check.py on a CPU: the no-CUDA exit, the commands of its four parts (valid options
-and config keys), reading each part's outputs, the report JSON and the exit status."""
+"""tools/gpu_check.py on a CPU: the no-CUDA exit, the default plan that fits a short device slot,
+the commands of its parts (valid options and config keys), reading each part's outputs (the
+run's observed dtypes included), the report JSON and the exit status."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from icd_dist.config import load_config, micro_batch_and_accumulation
+from icd_dist.config import EngineConfig, load_config, micro_batch_and_accumulation
 from icd_dist.css import task_from_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,8 +61,9 @@ def test_without_cuda_nothing_runs(gc, tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
-def dry_run_commands(workdir: Path, *args: str) -> dict[str, list[str]]:
-    """{part: argv} as the dry run prints them (where no CUDA is visible)."""
+def dry_run_plan(workdir: Path, *args: str) -> tuple[dict[str, list[list[str]]], str]:
+    """({part: [argv, ...]}, the whole output) as the dry run prints them (where no CUDA is
+    visible)."""
     proc = tool("--dry-run", "--workdir", str(workdir), *args)
     assert proc.returncode == 0, proc.stderr
     commands, name = {}, None
@@ -68,52 +71,93 @@ def dry_run_commands(workdir: Path, *args: str) -> dict[str, list[str]]:
         m = re.match(r"\[(\w+)\] ", line)
         if m:
             name = m.group(1)
+            commands[name] = []
         elif line.startswith("  ") and name:
             argv = shlex.split(line)
             while "=" in argv[0] and not argv[0].startswith("/"):  # VAR=value prefixes
                 argv.pop(0)
-            commands[name] = argv
-    return commands
+            commands[name].append(argv)
+    return commands, proc.stdout
 
 
-def test_dry_run_lists_the_four_parts_and_their_commands(gc, tmp_path):
+def dry_run_commands(workdir: Path, *args: str) -> dict[str, list[str]]:
+    """{part: its (first) argv} as the dry run prints them."""
+    return {k: v[0] for k, v in dry_run_plan(workdir, *args)[0].items()}
+
+
+def test_dry_run_lists_the_default_plan_and_its_commands(gc, tmp_path):
     work = tmp_path / "work"
     commands = dry_run_commands(work)
-    assert list(commands) == ["cuda_tests", "loss_bench", "data_bench", "run"]
+    assert list(commands) == ["cuda_tests", "run", "loss_quick"] == list(gc.DEFAULT_PLAN)
     assert not work.exists()  # a dry run creates nothing
 
     tests = commands["cuda_tests"]
     assert tests[1:3] == ["-m", "pytest"]
     i = tests.index("cuda")
     assert tests[i - 1] == "-m" and tests[-1] == "tests"
+    assert tests[tests.index("-k") + 1] == "not compiled"
     assert f"--junitxml={work / 'cuda_tests.xml'}" in tests
 
-    loss = commands["loss_bench"]
+    loss = commands["loss_quick"]
     assert loss[1] == "tools/bench_loss.py"
     assert loss[loss.index("--device") + 1] == "cuda"
-    assert loss[loss.index("--out") + 1] == str(work / "bench_loss.json")
-
-    data = commands["data_bench"]
-    assert data[1] == "tools/bench_data.py"
-    assert data[data.index("--dali-device") + 1] == "gpu"
-    assert data[data.index("--out") + 1] == str(work / "bench_data.json")
+    assert loss[loss.index("--impls") + 1] == "eager,triton"  # no inductor compile
+    assert "--batch" not in loss  # the real tap sizes
+    assert loss[loss.index("--out") + 1] == str(work / "bench_loss_quick.json")
 
     run = commands["run"]
     assert run[1:5] == ["-m", "icd_dist.run", "--config", "configs/voc/15-1_icd.yaml"]
     assert run[run.index("--last-step") + 1] == "1"
-    for override in ("engine.precision=bf16", "engine.teacher_dtype=bf16", "data.pipeline=dali",
-                     "engine.num_workers=1", "engine.device=cuda", "model.pretrained=none",
-                     "data.dataset=synthetic", "data.synthetic.classes=21",
-                     "data.crop_size=512"):
+    for override in ("engine.precision=bf16", "data.pipeline=dali", "engine.num_workers=1",
+                     "engine.device=cuda", "model.pretrained=none", "data.dataset=synthetic",
+                     "data.synthetic.classes=21", "data.crop_size=512", "optim.iterations=12",
+                     "optim.iterations_incremental=4"):
         assert override in run, override
+    # the teacher runs in the config's default dtype (fp32 weights under the student's
+    # autocast), not a forced bf16 copy
+    assert not [a for a in run if a.startswith("engine.teacher_dtype=")]
     assert f"run.storage_path={work / 'runs'}" in run
+
+    everything = dry_run_commands(work, "--parts", "all")
+    assert list(everything) == list(gc.PARTS)
+    data = everything["data_bench"]
+    assert data[1] == "tools/bench_data.py"
+    assert data[data.index("--dali-device") + 1] == "gpu"
+    assert data[data.index("--out") + 1] == str(work / "bench_data.json")
+    assert everything["loss_bench"][everything["loss_bench"].index("--out") + 1] == \
+        str(work / "bench_loss.json")
+    assert "-k" in everything["cuda_compiled"] and \
+        everything["cuda_compiled"][everything["cuda_compiled"].index("-k") + 1] == "compiled"
+
+
+def test_the_default_plan_fits_a_short_slot_and_the_dry_run_says_so(gc, tmp_path):
+    parts = gc.build_parts(tmp_path)
+    total = sum(parts[n].timeout for n in gc.DEFAULT_PLAN)
+    assert total <= 480 and gc.SLOT_SECONDS == 480
+    assert set(gc.DEFAULT_PLAN) >= {"run", "cuda_tests"}
+    _, text = dry_run_plan(tmp_path)
+    assert f"default plan: cuda_tests 120 + run 285 + loss_quick 75 = {total:.0f} s of time " \
+           "limits, within the 480 s" in text
+    assert re.search(r"not in it: cuda_compiled \(300 s\), loss_bench \(600 s\), data_bench "
+                     r"\(600 s\), channels_last \(600 s\)", text)
+    for name in gc.DEFAULT_PLAN:  # the docstring's table holds the same limits
+        assert re.search(rf"^  {name} +{parts[name].timeout:.0f}  ", gc.__doc__, re.M), name
+    # a selection's total counts only what it selects; over 480 s it says by how much
+    _, text = dry_run_plan(tmp_path, "--parts", "run,channels_last")
+    assert "selected parts: run 285 + channels_last 600 = 885 s of time limits, over, by " \
+           "405 s, the 480 s" in text
+    _, text = dry_run_plan(tmp_path, "--timeout", "100")  # --timeout replaces each limit
+    assert "= 300 s of time limits, within" in text
 
 
 def test_dry_run_of_selected_parts_quick(tmp_path):
-    commands = dry_run_commands(tmp_path, "--parts", "loss_bench,run", "--quick")
-    assert list(commands) == ["loss_bench", "run"]
+    commands = dry_run_commands(tmp_path, "--parts", "loss_bench,run,channels_last", "--quick")
+    assert list(commands) == ["loss_bench", "run", "channels_last"]
     assert "--batch" in commands["loss_bench"]
-    assert "optim.iterations=4" in commands["run"]
+    assert "optim.iterations=12" in commands["run"]  # one size in the default plan
+    assert "optim.iterations=12" in commands["channels_last"]  # 40 without --quick
+    assert "optim.iterations=40" in dry_run_commands(tmp_path, "--parts",
+                                                     "channels_last")["channels_last"]
     proc = tool("--dry-run", "--parts", "loss_bench,nope")
     assert proc.returncode == 2 and "unknown part(s) nope" in proc.stderr
 
@@ -127,12 +171,38 @@ def test_run_overrides_are_valid_keys_of_a_voc_shaped_bf16_dali_run(tmp_path):
     assert task.steps[0] == tuple(range(16)) and task.steps[1] == (16,)  # 15-1, 21 classes
     assert cfg.model.backbone == "resnet101" and cfg.model.pretrained == "none"
     assert cfg.method.name == "icd" and cfg.data.crop_size == 512
-    assert (cfg.engine.precision, cfg.engine.teacher_dtype) == ("bf16", "bf16")
+    assert cfg.engine.precision == "bf16"
+    assert cfg.engine.teacher_dtype == EngineConfig().teacher_dtype  # the default
     assert (cfg.data.pipeline, cfg.engine.device, cfg.engine.num_workers) == ("dali", "cuda", 1)
     assert cfg.engine.engine == "deepspeed"
     assert micro_batch_and_accumulation(cfg) == (2, 2)  # gradient accumulation is exercised
     assert cfg.optim.iterations and cfg.optim.iterations_incremental
     assert cfg.data.train_shards == str(tmp_path / "data" / "train")
+
+
+def test_channels_last_runs_the_run_twice_false_then_true(gc, tmp_path):
+    commands = dry_run_plan(tmp_path, "--parts", "run,channels_last")[0]
+    run, pair = commands["run"][0], commands["channels_last"]
+    assert len(pair) == 2
+    settings = []
+    for argv in pair:
+        rest = [a for a in argv if not a.startswith(("run.name=", "engine.channels_last="))]
+        # the run's command but for its name, its folders, its budget and the setting
+        assert [re.sub(r"=.*/channels_last/", "=" + str(tmp_path) + "/", a) for a in rest
+                if not a.startswith("optim.iterations")] == \
+            [a for a in run if not a.startswith(("run.name=", "optim.iterations"))]
+        settings += [a for a in argv if a.startswith("engine.channels_last=")]
+        cfg_args = [a for a in argv if "=" in a and not a.startswith(("-", "engine.channels"))]
+        load_config(ROOT / argv[argv.index("--config") + 1], cfg_args)
+    assert settings == ["engine.channels_last=false", "engine.channels_last=true"]
+    names = [a for argv in pair for a in argv if a.startswith("run.name=")]
+    assert len(set(names)) == 2
+    if "channels_last" not in {f.name for f in dataclasses.fields(EngineConfig)}:
+        pytest.skip("engine.channels_last is not a config key yet (being added)")
+    for argv, want in zip(pair, (False, True), strict=True):
+        cfg = load_config(ROOT / argv[argv.index("--config") + 1],
+                          [a for a in argv if "=" in a and not a.startswith("-")])
+        assert cfg.engine.channels_last is want
 
 
 def _help(argv: list[str]) -> str:
@@ -142,10 +212,14 @@ def _help(argv: list[str]) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("part", ["loss_bench", "data_bench", "run"])
+@pytest.mark.parametrize("part", ["loss_quick", "loss_bench", "data_bench", "run"])
 def test_the_commands_options_exist(tmp_path, part):
     """Every --option of a part's command is one its script takes, with an allowed value."""
-    argv = dry_run_commands(tmp_path)[part]
+    argv = dry_run_commands(tmp_path, "--parts", "all")[part]
+    if "--impls" in argv:
+        from icd_dist.losses.kernels.dispatch import IMPLS
+
+        assert set(argv[argv.index("--impls") + 1].split(",")) <= set(IMPLS)
     program = argv[:3] if argv[1] == "-m" else argv[:2]
     text = " ".join(_help([sys.executable, *program[1:], "--help"]).split())
     options = [(a, argv[i + 1] if i + 1 < len(argv) else None)
@@ -158,16 +232,28 @@ def test_the_commands_options_exist(tmp_path, part):
             assert value in choices.group(1).split(","), (option, value, choices.group(0))
 
 
-def test_the_cuda_selection_collects_tests(tmp_path):
-    argv = dry_run_commands(tmp_path)["cuda_tests"]
-    argv = [a for a in argv if not a.startswith("--junitxml")] + ["--collect-only"]
+def _collect(argv: list[str]) -> set[str]:
     proc = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, cwd=ROOT,
                           timeout=300, env=NO_CUDA)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    m = re.search(r"(\d+)/(\d+) tests? collected", proc.stdout)
-    assert m and int(m.group(1)) > 0, proc.stdout[-1000:]
-    ids = [line for line in proc.stdout.splitlines() if "::" in line]
-    assert ids and all("cuda" in i for i in ids)
+    assert proc.returncode in (0, 5), proc.stdout[-3000:]  # 5: none collected
+    return {line for line in proc.stdout.splitlines() if "::" in line}
+
+
+def test_the_two_cuda_parts_split_the_cuda_tests(tmp_path):
+    """cuda_tests (default plan) and cuda_compiled each collect tests, none twice, and
+    together every test marked cuda."""
+    commands = dry_run_commands(tmp_path, "--parts", "cuda_tests,cuda_compiled")
+    ids = {}
+    for name, argv in commands.items():
+        argv = [a for a in argv if not a.startswith("--junitxml")] + ["--collect-only"]
+        ids[name] = _collect(argv)
+        assert ids[name] and all("cuda" in i for i in ids[name]), name
+    assert not ids["cuda_tests"] & ids["cuda_compiled"]
+    assert all("compiled" in i for i in ids["cuda_compiled"])
+    argv = commands["cuda_tests"]
+    k = argv.index("-k")
+    every = [a for a in argv[:k] + argv[k + 2:] if not a.startswith("--junitxml")]
+    assert ids["cuda_tests"] | ids["cuda_compiled"] == _collect(every + ["--collect-only"])
 
 
 # --------------------------------------------------------------------------------------
@@ -247,14 +333,29 @@ DATA_JSON = {"env": {"device": "GPU: NVIDIA H100 80GB HBM3; CPU: x, 16 cores",
                           "dali_gpu": 2000.0, "torch": 500.0, "plain": 450.0}]}
 
 
-def write_metrics(runs: Path, steps=(0, 1), nan_step=None):
+BF16 = {"taps": ["bfloat16"] * 5, "logits": "bfloat16", "teacher_logits": "bfloat16"}
+
+
+def write_metrics(runs: Path, steps=(0, 1), nan_step=None, name="gpu_check", seconds=10.0,
+                  precision="bf16", observed=BF16, channels_last=None):
+    """Each step's metrics.json as a run writes it (under runs/<name>/), with `observed` as
+    its observed_dtypes (the teacher's logits None at step 0; `observed` None: no such key),
+    and the run's config.yaml when `channels_last` is given."""
     for s in steps:
-        folder = runs / "gpu_check" / f"step_{s}"
+        folder = runs / name / f"step_{s}"
         folder.mkdir(parents=True, exist_ok=True)
         curve = [3.0, 2.0, float("nan") if s == nan_step else 1.5]
-        (folder / "metrics.json").write_text(json.dumps({
-            "step": s, "seconds": 10.0, "iterations": 20, "train_images": 90,
-            "loss_curve": curve, "miou_all": 0.05, "engine": "deepspeed"}))
+        m = {"step": s, "seconds": seconds, "iterations": 20, "train_images": 90,
+             "loss_curve": curve, "miou_all": 0.05, "engine": "deepspeed",
+             "precision": precision, "weights_dtype": "float32", "teacher_dtype":
+             "float32" if s else None}
+        if observed is not None:
+            m["observed_dtypes"] = {**observed, "teacher_logits":
+                                    observed["teacher_logits"] if s else None}
+        (folder / "metrics.json").write_text(json.dumps(m))
+    if channels_last is not None:
+        (runs / name / "config.yaml").write_text(
+            f"engine:\n  precision: {precision}\n  channels_last: {str(channels_last).lower()}\n")
 
 
 JUNIT_OK = ('<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" '
@@ -273,10 +374,16 @@ def fake_runner(gc, broken=()):
 
     def run(part):
         calls.append(part.name)
-        if part.name == "cuda_tests":
+        if part.name in ("cuda_tests", "cuda_compiled"):
             part.outputs["junit"].write_text(JUNIT_OK)
             return gc.Outcome(0, 12.0, "2 passed\n")
-        if part.name == "loss_bench":
+        if part.name == "channels_last":
+            for setting, seconds in (("false", 10.0), ("true", 8.0)):
+                folder = part.outputs[setting]
+                write_metrics(folder.parent, name=folder.name, seconds=seconds,
+                              channels_last=setting == "true")
+            return gc.Outcome(0, 400.0, "two runs\n")
+        if part.name in ("loss_bench", "loss_quick"):
             if "loss_bench" in broken:
                 return gc.Outcome(1, 3.0, "Traceback ...\nRuntimeError: boom\n")
             part.outputs["json"].write_text(json.dumps(loss_json()))
@@ -297,8 +404,17 @@ def test_report_from_canned_outputs(gc, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gc, "missing_modules", lambda part: [])
     out = tmp_path / "report.json"
     runner = fake_runner(gc)
-    rc = gc.main(["--out", str(out), "--workdir", str(tmp_path / "w")], runner=runner,
+    rc = gc.main(["--out", str(out), "--workdir", str(tmp_path / "w0")], runner=runner,
                  has_cuda=lambda: True, describe=lambda: (DEVICE, VERSIONS))
+    assert rc == 0 and runner.calls == list(gc.DEFAULT_PLAN)  # the default plan only
+    report = json.loads(out.read_text())
+    assert list(report["parts"]) == list(gc.DEFAULT_PLAN)
+    assert report["default_plan_ok"] is True and report["ok"] is False  # not every part
+    capsys.readouterr()
+    out.unlink()
+    runner = fake_runner(gc)
+    rc = gc.main(["--parts", "all", "--out", str(out), "--workdir", str(tmp_path / "w")],
+                 runner=runner, has_cuda=lambda: True, describe=lambda: (DEVICE, VERSIONS))
     assert rc == 0 and runner.calls == list(gc.PARTS)
     report = json.loads(out.read_text())
     assert report["ok"] is True and report["device"] == DEVICE
@@ -319,18 +435,27 @@ def test_report_from_canned_outputs(gc, tmp_path, monkeypatch, capsys):
     run = parts["run"]["numbers"]
     assert run["final_miou_all"] == 0.04 and [s["step"] for s in run["steps"]] == [0, 1]
     assert run["steps"][0]["images_per_s"] == 8.0 and run["steps"][1]["loss_last"] == 1.5
+    assert run["steps"][1]["observed_dtypes"] == BF16 and run["steps"][1]["precision"] == "bf16"
+    assert run["steps"][1]["teacher_weights"] == "float32"
+    cl = parts["channels_last"]["numbers"]
+    assert (cl["false"]["images_per_s"], cl["true"]["images_per_s"], cl["true_vs_false"]) == \
+        (8.0, 10.0, 1.25)  # 4 x 40 iterations in 20 s and in 16 s
+    assert [s["images_per_s"] for s in cl["true"]["steps"]] == [10.0, 10.0]
+    assert parts["channels_last"]["command"].count("python -m icd_dist.run") == 2
     assert parts["run"]["output_tail"].endswith(FINAL_LINE + "\n")
     assert len(parts["run"]["output_tail"]) == gc.TAIL_CHARS
     assert "tools/bench_loss.py --device cuda" in parts["loss_bench"]["command"]
     table = capsys.readouterr().out
     assert re.search(r"loss_bench\s+ok\s+60\.0\s+.*triton 2\.0 ms \(5\.00x eager", table)
-    assert re.search(r"run\s+ok\s+200\.0\s+step 0: 20 it", table)
+    assert re.search(r"run\s+ok\s+200\.0\s+step 0: 20 it.*, bf16: bfloat16", table)
+    assert re.search(r"channels_last\s+ok\s+400\.0\s+false 8\.0 img/s, true 10\.0 img/s; "
+                     r"true/false 1\.250", table)
 
 
 def test_a_failed_part_gives_exit_status_1(gc, tmp_path, monkeypatch):
     monkeypatch.setattr(gc, "missing_modules", lambda part: [])
     out = tmp_path / "report.json"
-    rc = gc.main(["--out", str(out), "--workdir", str(tmp_path / "w")],
+    rc = gc.main(["--parts", "all", "--out", str(out), "--workdir", str(tmp_path / "w")],
                  runner=fake_runner(gc, broken=("loss_bench", "data_bench", "run")),
                  has_cuda=lambda: True, describe=lambda: (DEVICE, VERSIONS))
     assert rc == 1
@@ -346,7 +471,7 @@ def test_a_failed_part_gives_exit_status_1(gc, tmp_path, monkeypatch):
 
 def test_exit_status_of_results(gc):
     def result(status):
-        return gc.PartResult("run", status, 0, 1.0, [], "", {})
+        return gc.PartResult("run", status, 0, 1.0, "", "", {})
 
     assert gc.exit_code([result("ok"), result("ok")]) == 0
     for bad in ("failed", "timeout", "unavailable"):
@@ -381,11 +506,133 @@ def test_a_part_fails_on_its_exit_status_or_its_outputs(gc, tmp_path):
     assert gc.judge(parts["cuda_tests"], ok).reason == "pytest wrote no JUnit XML"
 
 
+def run_result(gc, tmp_path, **metrics):
+    """The run part judged on metrics.json files written by write_metrics(**metrics)."""
+    part = gc.build_parts(tmp_path)["run"]
+    write_metrics(part.outputs["runs"], **metrics)
+    return gc.judge(part, gc.Outcome(0, 1.0, FINAL_LINE + "\n"))
+
+
+def test_the_run_passes_when_its_observed_dtypes_are_its_precisions(gc, tmp_path):
+    r = run_result(gc, tmp_path)
+    assert (r.status, r.reason) == ("ok", None)
+    steps = r.numbers["steps"]
+    assert [s["observed_dtypes"] for s in steps] == [{**BF16, "teacher_logits": None}, BF16]
+    assert [s["precision"] for s in steps] == ["bf16", "bf16"]
+    fp32 = {"taps": ["float32"] * 5, "logits": "float32", "teacher_logits": "float32"}
+    part = gc.build_parts(tmp_path / "b")["run"]
+    part.precision = None  # a run configured in fp32 would pass with float32 tensors
+    write_metrics(part.outputs["runs"], precision="fp32", observed=fp32)
+    assert gc.judge(part, gc.Outcome(0, 1.0, "")).status == "ok"
+
+
+def test_the_run_fails_on_a_float32_tap_in_a_bf16_run(gc, tmp_path):
+    taps = ["bfloat16", "bfloat16", "float32", "bfloat16", "bfloat16"]
+    r = run_result(gc, tmp_path, observed={**BF16, "taps": taps})
+    assert r.status == "failed" and "\n" not in r.reason
+    assert r.reason == "step 0: observed tap 2 float32; expected bfloat16 (precision bf16); " \
+                       "step 1: observed tap 2 float32; expected bfloat16 (precision bf16)"
+    assert r.numbers["steps"][0]["observed_dtypes"]["taps"] == taps  # recorded as seen
+    r = run_result(gc, tmp_path / "all", observed={**BF16, "taps": ["float32"] * 5})
+    assert r.reason.startswith("step 0: observed tap 0 float32, tap 1 float32, tap 2 float32, "
+                               "tap 3 float32, tap 4 float32; expected bfloat16")
+
+
+@pytest.mark.parametrize(("observed", "precision", "reason"), [
+    ({**BF16, "logits": "float32"}, "bf16",
+     "step 1: observed logits float32; expected bfloat16 (precision bf16)"),
+    ({**BF16, "teacher_logits": "float32"}, "bf16",
+     "step 1: observed teacher_logits float32; expected bfloat16 (precision bf16)"),
+    ({**BF16, "teacher_logits": None}, "bf16",
+     "step 1: observed_dtypes has no teacher_logits after step 0"),
+    ({**BF16, "taps": []}, "bf16", "step 1: observed_dtypes has no feature taps"),
+    ({"taps": ["float32"] * 5, "logits": "float32", "teacher_logits": "float32"}, "fp32",
+     "step 1: precision fp32, the run was configured with bf16"),
+    ({**BF16, "taps": ["float16"] * 5}, "fp16",
+     "step 1: precision fp16, the run was configured with bf16"),
+])
+def test_the_run_fails_on_each_wrong_dtype(gc, tmp_path, observed, precision, reason):
+    r = run_result(gc, tmp_path, observed=observed, precision=precision)
+    assert r.status == "failed" and reason in r.reason, r.reason
+
+
+def test_the_run_fails_when_metrics_cannot_show_their_dtypes(gc, tmp_path):
+    r = run_result(gc, tmp_path, observed=None)  # a run older than observed_dtypes
+    assert r.status == "failed"
+    assert r.reason.startswith("step 0: metrics.json has no observed_dtypes (a run that does "
+                               "not record them cannot show its bf16 dtypes)")
+    assert r.numbers["steps"][0]["observed_dtypes"] is None
+    r = run_result(gc, tmp_path / "p", precision=None)
+    assert r.status == "failed" and "step 0: precision None is none of fp32, bf16, fp16" \
+        in r.reason
+
+
+def test_channels_last_numbers_and_problems(gc, tmp_path):
+    part = gc.build_parts(tmp_path, quick=True)["channels_last"]
+    assert part.precision == "bf16" and len(part.commands) == 2
+    ok = gc.Outcome(0, 1.0, "")
+    for setting, seconds in (("false", 16.0), ("true", 10.0)):
+        write_metrics(part.outputs[setting].parent, name=part.outputs[setting].name,
+                      seconds=seconds, channels_last=setting == "true")
+    r = gc.judge(part, ok)
+    assert (r.status, r.reason) == ("ok", None)
+    assert (r.numbers["false"]["images_per_s"], r.numbers["true"]["images_per_s"],
+            r.numbers["true_vs_false"]) == (5.0, 8.0, 1.6)
+    # the true run's config says false: the setting did not reach it
+    write_metrics(part.outputs["true"].parent, name="gpu_check_cl_true", seconds=10.0,
+                  channels_last=False)
+    assert gc.judge(part, ok).reason == \
+        "channels_last=true: its config.yaml has engine.channels_last False"
+    write_metrics(part.outputs["true"].parent, name="gpu_check_cl_true", seconds=10.0,
+                  channels_last=True, observed={**BF16, "logits": "float32"})
+    assert gc.judge(part, ok).reason.startswith("channels_last=true: step 0: observed logits "
+                                                "float32; expected bfloat16")
+    part = gc.build_parts(tmp_path / "one")["channels_last"]
+    write_metrics(part.outputs["false"].parent, name="gpu_check_cl_false")
+    r = gc.judge(part, gc.Outcome(None, 600.0, ""))
+    assert r.status == "timeout" and r.numbers["true_vs_false"] is None
+    assert r.numbers["true"] == {"steps": [], "images_per_s": None}
+
+
+def test_run_command_runs_each_command_within_one_limit(gc, tmp_path):
+    first = [sys.executable, "-c", "import sys; print('first'); sys.exit(3)"]
+    second = [sys.executable, "-c", "print('second')"]
+    part = gc.Part("x", first, 60, (), then=[second])
+    outcome = gc.run_command(part)
+    assert outcome.returncode == 3  # the first failure, though the second ran
+    assert outcome.output.index("first") < outcome.output.index("second")
+    assert f"$ {shlex.join(second)}" in outcome.output
+    assert gc.run_command(gc.Part("x", second, 60, (), then=[second])).returncode == 0
+    slow = [sys.executable, "-c", "import time; time.sleep(3)"]
+    part = gc.Part("x", slow, 4, (), then=[slow, second])  # 3 s + 3 s > 4 s
+    outcome = gc.run_command(part)
+    assert outcome.returncode is None and "second" not in outcome.output.splitlines()
+    assert outcome.seconds < 30
+
+
+def test_the_report_is_written_after_each_part(gc, tmp_path, monkeypatch):
+    """A slot that ends during a part keeps the parts that finished before it."""
+    monkeypatch.setattr(gc, "missing_modules", lambda part: [])
+    out = tmp_path / "report.json"
+    canned = fake_runner(gc)
+
+    def runner(part):
+        if part.name == "run":
+            assert json.loads(out.read_text())["parts"]["cuda_tests"]["status"] == "ok"
+            raise KeyboardInterrupt  # the slot ends
+        return canned(part)
+
+    with pytest.raises(KeyboardInterrupt):
+        gc.main(["--out", str(out), "--workdir", str(tmp_path / "w")], runner=runner,
+                has_cuda=lambda: True, describe=lambda: (DEVICE, VERSIONS))
+    assert list(json.loads(out.read_text())["parts"]) == ["cuda_tests"]
+
+
 def test_parts_not_run_are_kept_from_the_same_devices_report(gc, tmp_path, monkeypatch):
     monkeypatch.setattr(gc, "missing_modules", lambda part: [])
     out = tmp_path / "report.json"
     common = dict(has_cuda=lambda: True, describe=lambda: (DEVICE, VERSIONS))
-    assert gc.main(["--out", str(out), "--workdir", str(tmp_path / "w1")],
+    assert gc.main(["--parts", "all", "--out", str(out), "--workdir", str(tmp_path / "w1")],
                    runner=fake_runner(gc), **common) == 0
     runner = fake_runner(gc, broken=("run",))
     assert gc.main(["--parts", "run", "--out", str(out), "--workdir", str(tmp_path / "w2")],
@@ -409,11 +656,13 @@ def test_a_part_whose_modules_are_missing_is_unavailable(gc, tmp_path, monkeypat
                         lambda part: ["nvidia.dali"] if "nvidia.dali" in part.needs else [])
     runner = fake_runner(gc)
     out = tmp_path / "r.json"
-    assert gc.main(["--out", str(out), "--workdir", str(tmp_path / "w")], runner=runner,
-                   has_cuda=lambda: True, describe=lambda: (DEVICE, VERSIONS)) == 1
-    assert runner.calls == ["cuda_tests", "loss_bench"]
+    assert gc.main(["--parts", "all", "--out", str(out), "--workdir", str(tmp_path / "w")],
+                   runner=runner, has_cuda=lambda: True,
+                   describe=lambda: (DEVICE, VERSIONS)) == 1
+    assert runner.calls == ["cuda_tests", "loss_quick", "cuda_compiled", "loss_bench"]
     parts = json.loads(out.read_text())["parts"]
-    assert parts["data_bench"]["status"] == parts["run"]["status"] == "unavailable"
+    assert parts["data_bench"]["status"] == parts["run"]["status"] == \
+        parts["channels_last"]["status"] == "unavailable"
     assert parts["run"]["reason"] == "cannot import nvidia.dali"
 
 
