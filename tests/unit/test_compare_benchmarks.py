@@ -54,3 +54,29 @@ def test_reads_the_val_scores_of_results_with_a_heldout_set(cmp):
     (entry,) = cmp.compare(before, {"rows": [nested]})
     assert entry["all"] == 67.0 and entry["all_change"] == 7.0
     assert entry["new_change"] == 6.0 and entry["old_change"] == 5.0
+
+
+def test_one_seeds_scores_on_either_set(cmp, tmp_path):
+    def row(label, seeds, val, heldout):
+        def scores(per):
+            return {"per_seed": [{"old": o, "new": n, "all": a, "hiou": h}
+                                 for o, n, a, h in per],
+                    "all": sum(p[2] for p in per) / len(per)}
+        return {"task": "large-2s", "label": label, "seeds": seeds,
+                "val": scores(val), "heldout": scores(heldout)}
+    before = {"rows": [row("mib", [0, 1, 2], [(80, 40, 60, 53), (92, 52, 72, 64), (71, 31, 51, 42)],
+                           [(60, 20, 40, 30), (61, 21, 41, 31), (62, 22, 42, 32)]),
+                       row("dkd", [1, 2], [(1, 1, 1, 1)] * 2, [(1, 1, 1, 1)] * 2)]}
+    after = {"rows": [row("mib", [0], [(85, 46, 67, 60)], [(63, 19, 44, 29)]),
+                      row("dkd", [0], [(5, 5, 5, 5)], [(5, 5, 5, 5)])]}
+    mib, dkd = cmp.compare(before, after, seed=0)
+    assert (mib["old_change"], mib["new_change"], mib["all_change"]) == (5, 6, 7)  # seed 0's
+    assert dkd["all"] == 5 and dkd["all_change"] is None  # no seed 0 before
+    (mib_h, _) = cmp.compare(before, after, seed=0, eval_set="heldout")
+    assert (mib_h["all"], mib_h["all_change"], mib_h["new_change"]) == (44, 4, -1)
+    assert cmp.compare(before, after)[0]["all_change"] == pytest.approx(67 - 61)  # the means
+    b, a = tmp_path / "b.json", tmp_path / "a.json"
+    b.write_text(json.dumps(before))
+    a.write_text(json.dumps(after))
+    assert cmp.main([str(b), str(a), "--seed", "0", "--out", str(tmp_path / "c.md")]) == 0
+    assert "seed 0, val scores" in (tmp_path / "c.md").read_text()
