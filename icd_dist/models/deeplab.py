@@ -4,8 +4,9 @@ forward(x) returns SegOutput(logits at the input's size, [layer1, layer2, layer3
 head], logits at the head's resolution); the head tap is the feature map just before the
 classifier. The head is MiB's or DKD's (models/head.py; `head="auto"`: DKD's with DKD's
 classifier, MiB's otherwise, as each method's authors train it). `classifier="dkd"` puts
-DKD's classifier (models/dkd_classifier.py) on the head: its SegOutput also holds the positive and negative reasoning maps, and `predict` applies DKD's
-prediction rule instead of the argmax.
+DKD's classifier (models/dkd_classifier.py) on the head: its SegOutput also holds the
+positive and negative reasoning maps, and `predict` applies DKD's prediction rule instead of
+the argmax.
 """
 
 from __future__ import annotations
