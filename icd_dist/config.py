@@ -264,6 +264,10 @@ class EngineConfig:
     """Distributed execution: Ray Train workers and the per-worker training engine."""
 
     engine: Literal["deepspeed", "ddp"] = "deepspeed"
+    # ray: one Ray Train worker group trains every step of the schedule; local: the whole
+    # schedule in the driver's process, one worker, no Ray (pdb works; tests of a method's
+    # behaviour need no cluster), the same results as one Ray worker on the same seed.
+    launcher: Literal["ray", "local"] = "ray"
     num_workers: int = 2
     # Per-worker batch; None = optim.batch_size / num_workers. Gradient accumulation makes up
     # the rest, so the global batch is optim.batch_size whatever the number of workers.

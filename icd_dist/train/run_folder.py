@@ -1,7 +1,7 @@
 """The run folder: every path of a run, in one place (RunFolder), over a Storage (a local
 folder or an object-store URI); and how big the folder is.
 
-    config.yaml  summary.json  run.log  failures/  ray/
+    config.yaml  summary.json  run.log  worker_groups.log  failures/  ray/
     step_t/  model.pt  metrics.json  progress.log  DONE (written last)
              checkpoints/latest.json  checkpoints/epoch_e/ (engine state, rank_{r}.pt)
 
@@ -13,6 +13,7 @@ model's size) serves nothing, so it is deleted unless `run.keep_checkpoints=true
 
 from __future__ import annotations
 
+import datetime as dt
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ CONFIG = "config.yaml"
 SUMMARY = "summary.json"
 MODEL = "model.pt"
 METRICS = "metrics.json"
+WORKER_GROUPS = "worker_groups.log"  # a line per worker group that trained the run
 
 
 def checkpoints_dir(step: int) -> str:
@@ -74,6 +76,20 @@ class RunFolder:
     def write_summary(self, summary: dict) -> None:
         """The run's summary.json."""
         self.storage.write_json(SUMMARY, summary)
+
+    def note_worker_group(self, first_step: int) -> None:
+        """Record that a worker group started training this run at `first_step` (one line
+        of worker_groups.log; rank 0 writes it when the schedule loop starts)."""
+        rel = WORKER_GROUPS
+        before = self.storage.read_bytes(rel) if self.storage.exists(rel) else b""
+        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.storage.write_bytes(rel, before + f"{stamp} first step {first_step}\n".encode())
+
+    def worker_group_starts(self) -> int:
+        """How many worker groups have started training this run (all invocations)."""
+        if not self.storage.exists(WORKER_GROUPS):
+            return 0
+        return len(self.storage.read_bytes(WORKER_GROUPS).decode().splitlines())
 
     def failures_dir(self) -> str:
         """Where injected test failures leave their markers ("" for object stores)."""

@@ -1,12 +1,15 @@
-"""The schedule driver: one Ray Train TorchTrainer per incremental step.
+"""The schedule driver: one Ray Train fit for all the steps still to train.
 
-    before Ray starts: the steps' selections, and their shards checked against the manifests
-    (sizes and sha256; data.verify=false: sizes only);
-    for step t: skip it if its DONE marker exists; put the teacher (model of t-1) in the
-    object store once; fit a TorchTrainer whose workers run step_worker.train_step_worker,
-    printing rank 0's progress lines as they come; read the step's metrics.json; print its
-    tables; delete its epoch checkpoints (unless run.keep_checkpoints=true).
-    then: summary.json, plots, the resolved config beside them, the run folder's size.
+    before Ray starts: the steps' selections (a StepJob per step to train), and their shards
+    checked against the manifests (sizes and sha256; data.verify=false: sizes only);
+    one fit (train/launcher.py): the workers loop over the steps (step_worker.run_plan),
+    rank 0 handing each step's teacher (the model of t-1) to the others through the object
+    store; engine.launcher=local runs that loop in this process instead;
+    meanwhile, for each step in order: print rank 0's progress lines as they come; when its
+    DONE marker appears, read its metrics.json, print its tables, delete its epoch
+    checkpoints (unless run.keep_checkpoints=true);
+    then: summary.json (with the number of worker groups started), plots, the resolved config
+    beside them, the run folder's size.
 
 Everything printed also goes to the run folder's run.log (console.RunLog), with the traceback
 of a failed step, which the console shows as one line. `ray.init()` attaches to the cluster
@@ -35,6 +38,7 @@ from icd_dist.losses.methods import build_method
 from icd_dist.models.deeplab import resolve_head
 from icd_dist.models.pretrained import check_pretrained
 from icd_dist.train.console import RunLog, step_failure
+from icd_dist.train.launcher import FitThread, fit_in_process, fit_with_ray
 from icd_dist.train.progress import ProgressFollower
 from icd_dist.train.ray_session import describe_ray, init_ray
 from icd_dist.train.report import (
@@ -46,11 +50,12 @@ from icd_dist.train.report import (
     write_plots,
 )
 from icd_dist.train.run_folder import SUMMARY, RunFolder, format_bytes
-from icd_dist.train.step_worker import StepJob, train_step_worker
+from icd_dist.train.step_worker import SchedulePlan, StepJob
 from icd_dist.train.storage import Storage
-from icd_dist.train.teacher_share import put_teacher
+from icd_dist.train.teacher_share import make_board
 
 Log = Callable[[str], None]
+POLL_S = 1.0  # how often the driver looks for the current step's DONE marker
 
 
 def run_name(cfg: Config, task_name: str) -> str:
@@ -94,23 +99,9 @@ def use_gpu(cfg: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def fit_step(job: StepJob, run: RunFolder, gpu: bool) -> None:
-    """Run one step's TorchTrainer to completion (resuming its latest epoch checkpoint)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    e = job.cfg.engine
-    resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if gpu else {})}
-    trainer = TorchTrainer(
-        train_step_worker,
-        train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=f"{job.run_name}-step{job.step}", storage_path=run.uri("ray"),
-            failure_config=FailureConfig(max_failures=e.max_failures)),
-    )
-    trainer.fit()
+def fit_plan(plan: SchedulePlan, run: RunFolder, cfg: Config, gpu: bool) -> None:
+    """Train every step of `plan` in one Ray Train fit (blocks until it ends)."""
+    fit_with_ray(plan, run, cfg, gpu)
 
 
 StepCallback = Callable[[int, dict], None]
@@ -130,6 +121,11 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
     import ray
 
     run_log = RunLog(log)
+    local = cfg.engine.launcher == "local"
+    if local and cfg.engine.num_workers != 1:
+        raise ConfigError("engine.num_workers", "engine.launcher=local trains with one worker "
+                          f"in this process; set engine.num_workers=1 (got "
+                          f"{cfg.engine.num_workers})")
     check_pretrained(cfg)  # VOC/ADE20K without ImageNet weights stop before anything starts
     train_dir, eval_dir = prepare_shards(cfg, run_log)
     train_manifest, eval_manifest = load_manifest(train_dir), load_manifest(eval_dir)
@@ -149,7 +145,7 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
                        (eval_dir, eval_manifest, eval_keys)], run_log)
     run.write_config(dump_config(cfg))
     run_log.attach(run.storage)
-    started = init_ray(cfg)
+    started = False if local else init_ray(cfg)
     if started:
         run_log(describe_ray())
     try:
@@ -241,6 +237,68 @@ def check_step0_source(cfg: Config, task: Task, source: RunFolder) -> None:
                               f"has {ours}")
 
 
+def torch_cuda() -> bool:
+    """Whether this process sees a CUDA device."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _train_with_ray(plan: SchedulePlan, cfg: Config, run: RunFolder, gpu: bool, log: RunLog,
+                    announce: Callable[[StepJob], None],
+                    finished: Callable[[int], None]) -> None:
+    """fit_plan in a thread; this thread follows each step's progress and calls `finished`
+    as its DONE marker appears. A failure raises StepFailedError naming the step it hit."""
+    fit = FitThread(lambda: fit_plan(plan, run, cfg, gpu))
+    fit.start()
+    try:
+        for job in plan.jobs:
+            announce(job)
+            with ProgressFollower(run.storage, run.progress(job.step), log):
+                while not run.is_done(job.step) and fit.is_alive():
+                    fit.join(POLL_S)
+            if not run.is_done(job.step):
+                fit.join()
+                if fit.error is not None:
+                    raise step_failure(job.step, fit.error, log) from fit.error
+                raise RuntimeError(f"step {job.step} ended without writing its results")
+            finished(job.step)
+        fit.join()
+        if fit.error is not None:
+            raise step_failure(plan.jobs[-1].step, fit.error, log) from fit.error
+    finally:
+        if plan.board is not None:
+            import ray
+
+            ray.kill(plan.board)
+
+
+def _train_in_process(plan: SchedulePlan, cfg: Config, run: RunFolder, log: RunLog,
+                      announce: Callable[[StepJob], None],
+                      finished: Callable[[int], None]) -> None:
+    """The plan in this thread (engine.launcher=local), progress and tables as with Ray."""
+    jobs = {job.step: job for job in plan.jobs}
+    follower: list[ProgressFollower] = []
+
+    def before(step: int) -> None:
+        announce(jobs[step])
+        follower.append(ProgressFollower(run.storage, run.progress(step), log).__enter__())
+
+    def after(step: int) -> None:
+        follower.pop().__exit__(None, None, None)
+        if not run.is_done(step):
+            raise RuntimeError(f"step {step} ended without writing its results")
+        finished(step)
+
+    try:
+        fit_in_process(plan, cfg, before, after)
+    except Exception as exc:
+        step = next((t for t in jobs if not run.is_done(t)), plan.jobs[-1].step)
+        while follower:
+            follower.pop().__exit__(None, None, None)
+        raise step_failure(step, exc, log) from exc
+
+
 def _prune(cfg: Config, run: RunFolder, step: int) -> None:
     if not cfg.run.keep_checkpoints:
         run.prune_checkpoints(step)
@@ -249,49 +307,57 @@ def _prune(cfg: Config, run: RunFolder, step: int) -> None:
 def _run_steps(cfg: Config, task: Task, name: str, run: RunFolder, dirs: tuple[str, str],
                selections: dict[int, tuple[list[str], list[str]]], log: RunLog,
                on_step: StepCallback | None, final: int) -> dict:
-    gpu = use_gpu(cfg)
+    local = cfg.engine.launcher == "local"
+    gpu = (cfg.engine.device != "cpu" and torch_cuda()) if local else use_gpu(cfg)
+    where = "in this process, one worker" if local else f"{cfg.engine.num_workers} workers"
     log(f"run {name}: {task.dataset} {task.name} ({task.setting}), method {cfg.method.name}, "
-        f"{task.num_steps} steps, {cfg.engine.num_workers} workers "
-        f"({'GPU' if gpu else 'CPU'}, {cfg.engine.engine}); results in {run.uri()}")
-    results = []
+        f"{task.num_steps} steps, {where} ({'GPU' if gpu else 'CPU'}, {cfg.engine.engine}); "
+        f"results in {run.uri()}")
+    results: dict[int, dict] = {}
     num_old = len(task.steps[0])
+    jobs = []
     for step in range(final + 1):
         if run.is_done(step):
             log(f"step {step}: already complete, skipped")
-            results.append(run.read_metrics(step))
+            results[step] = run.read_metrics(step)
             _prune(cfg, run, step)
             if on_step and step < final:
-                on_step(step, results[-1])
+                on_step(step, results[step])
             continue
         keys, eval_keys = selections[step]
-        teacher = None
-        if step > 0:
-            previous = run.load_model(step - 1)
-            teacher = put_teacher(previous["state_dict"])
-        log(f"step {step}: classes {format_class_ids(task.classes_at(step))}, {len(keys)} "
-            f"training images, {len(eval_keys)} evaluation images")
-        job = StepJob(cfg, task, step, name, run.uri(), *dirs, keys, eval_keys, teacher=teacher,
-                      failure_marker_dir=run.failures_dir())
-        try:
-            with ProgressFollower(run.storage, run.progress(step), log):
-                fit_step(job, run, gpu)
-        except Exception as exc:  # a worker's or Ray's error: one line, the rest in run.log
-            raise step_failure(step, exc, log) from exc
-        if not run.is_done(step):
-            raise RuntimeError(f"step {step} ended without writing its results")
-        results.append(run.read_metrics(step))
-        log(format_step_result(results[-1]))
-        for line in format_bad_samples(results[-1]):
+        jobs.append(StepJob(cfg, task, step, name, run.uri(), *dirs, keys, eval_keys,
+                            failure_marker_dir=run.failures_dir(), launcher=cfg.engine.launcher))
+    groups_before = run.worker_group_starts()
+
+    def announce(job: StepJob) -> None:
+        log(f"step {job.step}: classes {format_class_ids(task.classes_at(job.step))}, "
+            f"{len(job.train_keys)} training images, {len(job.eval_keys)} evaluation images")
+
+    def finished(step: int) -> None:
+        results[step] = run.read_metrics(step)
+        log(format_step_result(results[step]))
+        for line in format_bad_samples(results[step]):
             log(line)
-        log(format_class_table(results, num_old))
+        log(format_class_table([results[t] for t in sorted(results)], num_old))
         _prune(cfg, run, step)
-        del teacher
         if on_step and step < final:
-            on_step(step, results[-1])
+            on_step(step, results[step])
+
+    if jobs and local:
+        _train_in_process(SchedulePlan(jobs), cfg, run, log, announce, finished)
+    elif jobs:
+        _train_with_ray(SchedulePlan(jobs, make_board()), cfg, run, gpu, log, announce,
+                        finished)
+    starts = run.worker_group_starts() - groups_before
+    if jobs:
+        log(f"{len(jobs)} steps trained by {starts} worker group"
+            f"{'s' if starts != 1 else ''} ({'in this process' if local else 'Ray Train'}; "
+            f"more than one: restarts after failures)")
+    results = [results[t] for t in range(final + 1)]
     summary = {"run": name, "dataset": task.dataset, "task": task.name,
                "setting": task.setting, "method": cfg.method.name,
                "config": config_to_dict(cfg), "complete": final == task.num_steps - 1,
-               "steps": results}
+               "worker_group_starts": starts, "steps": results}
     run.write_summary(summary)
     if run.local:
         write_plots(results, Path(run.uri()), name)

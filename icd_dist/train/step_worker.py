@@ -23,7 +23,8 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,12 @@ from icd_dist.train.engine import PRECISION_DTYPES, TrainEngine, build_engine
 from icd_dist.train.metrics import ConfusionMatrix, step_metrics
 from icd_dist.train.progress import ProgressWriter
 from icd_dist.train.run_folder import RunFolder
-from icd_dist.train.teacher_share import build_teacher, fetch_teacher_arrays, shared_tensors
+from icd_dist.train.teacher_share import (
+    TeacherHandoff,
+    build_teacher,
+    fetch_teacher_arrays,
+    shared_tensors,
+)
 from icd_dist.train.tracking import Tracker, overlay_image, wandb_mode
 
 # Test hook: "STEP:EPOCH:RANK" makes that worker exit abruptly once, to test recovery.
@@ -61,8 +67,9 @@ class StepJob:
     eval_shards: str
     train_keys: list[str]
     eval_keys: list[str]
-    teacher: object = None  # ObjectRef of the previous step's weights (None at step 0)
+    teacher: object = None  # the previous step's weights: an ObjectRef or arrays (None: none)
     failure_marker_dir: str = ""
+    launcher: str = "ray"  # engine.launcher: "local" runs in the driver's process
 
     @property
     def folder(self) -> str:
@@ -166,12 +173,16 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        import ray.train.torch
+def _device(cfg: Config, launcher: str) -> torch.device:
+    """The worker's device: Ray's GPU for this worker, the first GPU in-process (unless
+    engine.device=cpu), else the CPU."""
+    if not torch.cuda.is_available() or cfg.engine.device == "cpu":
+        return torch.device("cpu")
+    if launcher == "local":
+        return torch.device("cuda", 0)
+    import ray.train.torch
 
-        return ray.train.torch.get_device()
-    return torch.device("cpu")
+    return ray.train.torch.get_device()
 
 
 def _teacher_dtype(cfg: Config) -> torch.dtype | None:
@@ -215,11 +226,13 @@ def _maybe_inject_failure(job: StepJob, epoch: int, rank: int) -> None:
 class StepTrainer:
     """One step of a schedule on one worker (see the module docstring)."""
 
-    def __init__(self, job: StepJob):
+    def __init__(self, job: StepJob, report: Callable[[dict], None] | None = None):
         cfg, task, step = job.cfg, job.task, job.step
         self.job, self.cfg, self.task, self.step = job, cfg, task, step
+        self.report = report or (lambda metrics: None)  # Ray Train's report per epoch
+        self.final_state: dict | None = None  # rank 0, after write_results: model.pt's weights
         self.rank, self.world = rank_and_world()
-        self.device = _device()
+        self.device = _device(cfg, job.launcher)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest kernels
         self.memory_format = torch.channels_last if cfg.engine.channels_last \
@@ -280,8 +293,6 @@ class StepTrainer:
 
     def fit(self) -> None:
         """The whole step: resume, prepare the method, train every epoch, write results."""
-        import ray.train
-
         rng = self.restore()
         self.method.prepare(self.teacher, self._data_pass)
         if rng is not None:  # after prepare(), whose pass draws from the global RNG
@@ -299,7 +310,8 @@ class StepTrainer:
                 self.tracker.log({f"eval/{k}": v for k, v in m.scalars().items()},
                                  step=self.state.global_step)
             self.save(epoch)
-            ray.train.report({"epoch": epoch, "loss": float(last.get("total", 0.0))})
+            self.report({"step": self.step, "epoch": epoch,
+                         "loss": float(last.get("total", 0.0))})
         self.write_results()
 
     def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
@@ -457,6 +469,7 @@ class StepTrainer:
                 "class_order": list(task.seen_classes(step))})
             self.run.write_metrics(step, result)
             self.run.mark_done(step)
+            self.final_state = state
         if self.world > 1:
             dist.barrier()
 
@@ -464,11 +477,62 @@ class StepTrainer:
         return [self.task.class_name(c) for c in self.task.seen_classes(self.step)]
 
 
-def train_step_worker(config: dict) -> None:
-    """Ray Train loop for one step: StepTrainer(job).fit()."""
-    job: StepJob = config["job"]
-    torch.set_num_threads(max(1, int(job.cfg.engine.cpus_per_worker)))
-    StepTrainer(job).fit()
+@dataclass
+class SchedulePlan:
+    """What one fit trains: the jobs of the steps still to train, in order, computed before
+    Ray starts (classes, selections, budgets come with each job's config and task); with the
+    Ray launcher, the board actor through which each step's teacher reaches every rank."""
+
+    jobs: list[StepJob]
+    board: object = None  # teacher_share.TeacherBoard handle (None in-process)
+
+
+def run_plan(plan: SchedulePlan, report: Callable[[dict], None] | None = None,
+             before_step: Callable[[int], None] | None = None,
+             after_step: Callable[[int], None] | None = None) -> int:
+    """Every step of `plan` in order on this worker: a step whose DONE marker exists (trained
+    before a worker-group restart) is skipped; step t > 0 gets as teacher the model of t - 1,
+    held by rank 0 from training it here or read from its model.pt, shared with the other
+    ranks (teacher_share.TeacherHandoff); StepTrainer(job).fit(). `report` gets each epoch's
+    loss (Ray Train's report); `before_step` / `after_step` are called around each step
+    trained (the in-process launcher's console). Returns the number of steps trained."""
+    if not plan.jobs:
+        return 0
+    rank, world = rank_and_world()
+    first = plan.jobs[0]
+    run = RunFolder(first.run_uri)
+    if rank == 0:
+        run.note_worker_group(first.step)  # the run's record of worker-group starts
+    handoff = TeacherHandoff(run, plan.board, rank, world)
+    held: tuple[int, dict] | None = None  # (step, weights) of the model this rank trained
+    trained = 0
+    for job in plan.jobs:
+        if run.is_done(job.step):
+            held = None
+            continue
+        if job.step > 0 and job.teacher is None:
+            state = held[1] if held is not None and held[0] == job.step - 1 else None
+            job = replace(job, teacher=handoff.share(job.step, state))
+        if before_step:
+            before_step(job.step)
+        trainer = StepTrainer(job, report)
+        trainer.fit()
+        held = (job.step, trainer.final_state) if trainer.final_state is not None else None
+        del trainer
+        trained += 1
+        if after_step:
+            after_step(job.step)
+    return trained
+
+
+def train_schedule_worker(config: dict) -> None:
+    """Ray Train loop of a schedule: run_plan over the steps still to train, reporting each
+    epoch to Ray Train."""
+    import ray.train
+
+    plan: SchedulePlan = config["plan"]
+    torch.set_num_threads(max(1, int(plan.jobs[0].cfg.engine.cpus_per_worker)))
+    run_plan(plan, ray.train.report)
 
 
 def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device,

@@ -1,10 +1,16 @@
 """Sharing the frozen teacher across the workers of a step through the Ray object store.
 
-The driver puts the previous step's fp32 weights ONCE (as numpy arrays). On CPU every
-worker on a node maps the same shared-memory arrays and builds its teacher on them without
-copying (the model is constructed on the meta device and the arrays are assigned as its
-tensors); on GPU each worker copies them to its device once, in the inference dtype. The
-teacher is never wrapped by DDP or DeepSpeed and never read from disk by a worker.
+One fit trains every step of a schedule (train/step_worker.run_plan). Before step t > 0,
+rank 0 holds the model of t - 1 (from training it in this fit, else read once from its
+model.pt) and puts its fp32 weights in the object store ONCE (as numpy arrays); the ObjectRef
+reaches the other ranks through a small board actor the driver owns (so Ray counts their
+references instead of pinning the object for the worker's lifetime, as a ref pickled through
+torch.distributed would be). On CPU every worker on a node maps the same shared-memory arrays
+and builds its teacher on them without copying (the model is constructed on the meta device
+and the arrays are assigned as its tensors); on GPU each worker copies them to its device
+once, in the teacher's dtype. When step t ends, the ref is dropped and the store frees the
+arrays. The teacher is never wrapped by DDP or DeepSpeed. In-process (engine.launcher=local)
+the arrays are handed over directly.
 """
 
 from __future__ import annotations
@@ -30,6 +36,63 @@ def put_teacher(state: Mapping[str, torch.Tensor]):
     import ray
 
     return ray.put(state_to_numpy(state))
+
+
+class TeacherBoard:
+    """A Ray actor (made with `make_board`) that holds the ObjectRef of the current step's
+    teacher, in band, for the ranks to fetch."""
+
+    def __init__(self):
+        self._refs: dict[int, object] = {}
+
+    def post(self, step: int, wrapped: list) -> None:
+        """Hold `wrapped[0]`, the ObjectRef of `step`'s teacher (in a list, so that Ray
+        passes the ref rather than its value); earlier steps' refs are dropped."""
+        self._refs = {step: wrapped[0]}
+
+    def get(self, step: int) -> list:
+        """[the ObjectRef of `step`'s teacher]."""
+        return [self._refs[step]]
+
+
+def make_board():
+    """A TeacherBoard actor (no CPU reserved), owned by the caller (the driver)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(TeacherBoard).remote()
+
+
+class TeacherHandoff:
+    """How step t's teacher reaches the ranks of a fit (module docstring): `share` is called
+    by every rank before step t; rank 0 passes the weights of t - 1 (None: read them from the
+    run folder's model.pt of t - 1), the others None; returns what StepJob.teacher takes."""
+
+    def __init__(self, run, board, rank: int, world: int):
+        self.run, self.board, self.rank, self.world = run, board, rank, world
+        self._ref = None  # rank 0: keeps the current teacher in the store until the next
+
+    def share(self, step: int, state: Mapping[str, torch.Tensor] | None):
+        """The teacher of `step` for this rank: an ObjectRef, or arrays in-process."""
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            if state is None:
+                state = self.run.load_model(step - 1)["state_dict"]
+            arrays = state_to_numpy(state)
+            if self.board is None:
+                return arrays
+            import ray
+
+            self._ref = ray.put(arrays)
+            del arrays
+            ray.get(self.board.post.remote(step, [self._ref]))
+        if self.world > 1:
+            dist.barrier()  # the ref is posted before any rank asks for it
+        if self.board is None:
+            raise RuntimeError("several ranks need a board actor to share the teacher")
+        import ray
+
+        return self._ref if self.rank == 0 else ray.get(self.board.get.remote(step))[0]
 
 
 def fetch_teacher_arrays(ref_or_arrays) -> dict[str, np.ndarray]:

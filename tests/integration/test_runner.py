@@ -40,6 +40,9 @@ def test_two_step_schedule_deepspeed_then_resume_skips(local_ray, tmp_path):
     assert summary["steps"][1]["teacher_digest"] == model_digest(run, 0, cfg)
     assert summary["steps"][1]["student_digests"][0] == model_digest(run, 1, cfg)
     assert summary["steps"][1]["hiou"] is not None
+    # one Ray Train worker group trained both steps
+    assert summary["worker_group_starts"] == 1
+    assert "2 steps trained by 1 worker group (Ray Train;" in "\n".join(logs)
     for name in ("miou_per_step.png", "per_class_iou.png", "config.yaml"):
         assert (run / name).is_file()
     # W&B offline: a run per step holding its metrics and images
@@ -104,3 +107,55 @@ def test_killed_worker_is_replaced_and_step_resumes_bit_identical(tmp_path, engi
     assert step["loss_curve"] == straight["loss_curve"]  # every optimiser step, both attempts
     assert step["student_digests"] == straight["student_digests"]  # bit-identical weights
     assert model_digest(run, 0, cfg) == model_digest(tmp_path / "runs" / "straight", 0, cfg)
+
+
+def test_in_process_launcher_equals_one_ray_worker_over_three_steps(tmp_path):
+    """engine.launcher=local (no Ray) and one Ray worker: the same weights at every step of a
+    3-step schedule, each trained by one worker group."""
+    import ray
+
+    common = ["task.steps=[[0,1],[2],[3]]", "engine.num_workers=1", "engine.engine=ddp",
+              "optim.epochs=1", "loss.icd.impl=eager"]
+    local = run_schedule(tiny_config(tmp_path, "run.name=local", "engine.launcher=local",
+                                     *common), log=lambda m: None)
+    assert not ray.is_initialized()  # the in-process launcher starts no Ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = run_schedule(tiny_config(tmp_path, "run.name=ray", *common),
+                              log=lambda m: None)
+    finally:
+        ray.shutdown()
+    assert [s["step"] for s in local["steps"]] == [0, 1, 2]
+    assert local["worker_group_starts"] == remote["worker_group_starts"] == 1
+    for a, b in zip(local["steps"], remote["steps"], strict=True):
+        assert a["student_digests"] == b["student_digests"]
+        assert a["teacher_digest"] == b["teacher_digest"]
+        assert a["loss_curve"] == b["loss_curve"]
+
+
+def test_killed_worker_in_a_later_step_resumes_that_step_bit_identical(tmp_path):
+    """One fit trains both steps; a worker killed in step 1 restarts the worker group, which
+    skips step 0 (DONE), takes step 1's teacher from step 0's model.pt and resumes step 1
+    from its epoch-0 checkpoint: the weights of the uninterrupted schedule, bit for bit."""
+    import ray
+
+    common = ["engine.max_failures=1", "engine.engine=ddp", "loss.icd.impl=eager"]
+    summaries = {}
+    for name, failure in (("straight", None), ("recover", "1:1:1")):
+        if failure:  # step 1, epoch 1, rank 1 exits abruptly once
+            os.environ[FAILURE_ENV] = failure
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            summaries[name] = run_schedule(tiny_config(tmp_path, f"run.name={name}", *common),
+                                           log=lambda m: None)
+        finally:
+            ray.shutdown()
+            os.environ.pop(FAILURE_ENV, None)
+    assert (tmp_path / "runs" / "recover" / "failures" / "failed_1_1_1").is_file()
+    straight, recover = summaries["straight"], summaries["recover"]
+    assert straight["worker_group_starts"] == 1 and recover["worker_group_starts"] == 2
+    assert recover["steps"][1]["resumed_from_epoch"] == 1
+    for a, b in zip(straight["steps"], recover["steps"], strict=True):
+        assert a["student_digests"] == b["student_digests"]
+        assert a["loss_curve"] == b["loss_curve"]
+        assert a["teacher_digest"] == b["teacher_digest"]

@@ -156,15 +156,16 @@ def test_schedule_gives_each_step_its_filtered_eval_keys(tmp_path, monkeypatch):
 
     jobs = []
 
-    def fake_fit_step(job, run, gpu):
-        jobs.append(job)
-        run.save_model(job.step, {"state_dict": {}})
-        run.write_metrics(job.step, {
-            "step": job.step, "classes": list(job.task.classes_at(job.step)),
-            "train_images": len(job.train_keys), "eval_images": len(job.eval_keys),
-            "miou_old": None, "miou_new": None, "miou_all": None, "hiou": None,
-            "seconds": 0.0, "per_class_iou": {"background": None}})
-        run.mark_done(job.step)
+    def fake_fit_plan(plan, run, cfg, gpu):
+        for job in plan.jobs:
+            jobs.append(job)
+            run.save_model(job.step, {"state_dict": {}})
+            run.write_metrics(job.step, {
+                "step": job.step, "classes": list(job.task.classes_at(job.step)),
+                "train_images": len(job.train_keys), "eval_images": len(job.eval_keys),
+                "miou_old": None, "miou_new": None, "miou_all": None, "hiou": None,
+                "seconds": 0.0, "per_class_iou": {"background": None}})
+            run.mark_done(job.step)
 
     def no_ray(*args, **kwargs):
         pytest.fail("Ray must not start in this test")
@@ -172,8 +173,8 @@ def test_schedule_gives_each_step_its_filtered_eval_keys(tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "init", no_ray)
     monkeypatch.setattr(schedule, "init_ray", lambda cfg: False)
     monkeypatch.setattr(schedule, "use_gpu", lambda cfg: False)
-    monkeypatch.setattr(schedule, "put_teacher", lambda state_dict: None)
-    monkeypatch.setattr(schedule, "fit_step", fake_fit_step)
+    monkeypatch.setattr(schedule, "make_board", lambda: None)
+    monkeypatch.setattr(schedule, "fit_plan", fake_fit_plan)
     base = ["data.dataset=synthetic", "data.synthetic.classes=4",
             f"data.train_shards={tmp_path}/data/train", f"data.eval_shards={tmp_path}/data/val",
             f"run.storage_path={tmp_path}/runs", "task.steps=[[0,1],[2],[3]]",

@@ -160,3 +160,24 @@ def test_step0_source_is_shared_across_methods_but_not_across_models(tmp_path):
     assert load_config("configs/camvid/6-5_plop.yaml").model.taps == "pre_activation"
     with pytest.raises(ConfigError, match="model"):
         check_step0_source(update(ft, {"model.head_channels": 64}), task, RunFolder(source))
+
+
+def test_worker_group_record_and_in_process_teacher_handoff(tmp_path):
+    from icd_dist.train.run_folder import RunFolder
+    from icd_dist.train.teacher_share import TeacherHandoff
+
+    run = RunFolder(str(tmp_path / "run"))
+    assert run.worker_group_starts() == 0
+    run.note_worker_group(0)
+    run.note_worker_group(1)  # a restart after a failure
+    assert run.worker_group_starts() == 2
+    model = DeepLabV3("resnet18", [3], head_channels=8, norm="groupnorm")
+    run.save_model(0, {"state_dict": model.state_dict()})
+    handoff = TeacherHandoff(run, None, rank=0, world=1)
+    read = handoff.share(1, None)  # nothing held: step 0's model.pt
+    held = handoff.share(1, {k: v + 1 for k, v in model.state_dict().items()
+                             if v.is_floating_point()})
+    for k, v in model.state_dict().items():
+        assert np.array_equal(read[k], v.numpy())
+        if v.is_floating_point():
+            assert np.array_equal(held[k], (v + 1).numpy())  # the held weights win
