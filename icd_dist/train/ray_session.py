@@ -1,11 +1,11 @@
 """Starting or attaching to Ray for a run, with Ray's own chatter kept off the console.
 
 Each setting switches a message off where Ray produces it (ray 2.60):
-- `log_to_driver=False` for `icd_dist.run`: what Ray's workers and actors print (the Train
-  controller's status lines, its per-report INFO lines, torch's and DeepSpeed's warnings)
-  stays in Ray's log folder, which the console names; the run's own progress reaches the
-  driver through the run folder (`train/progress.py`). Sweeps keep forwarding their trials'
-  output.
+- `log_to_driver=False`: what Ray's workers and actors print (the Train controller's status
+  lines, its per-report INFO lines, torch's and DeepSpeed's warnings; a sweep's trials) stays
+  in Ray's log folder, which the console names; a run's own progress reaches the driver
+  through the run folder (`train/progress.py`), a sweep's trials' results through Tune
+  (`train/sweep_console.py`).
 - `RAY_TRAIN_ENABLE_PRINT_PATCH=0`: Ray Train sends every worker `print()` to its logger,
   which writes it to the worker's stderr, besides the worker's redirected stdout: each line
   was written, and forwarded, twice.
@@ -94,17 +94,16 @@ def job_env(cfg: Config, address: str | None, api_server: str | None) -> dict[st
     return env
 
 
-def init_ray(cfg: Config, forward_worker_output: bool = False) -> bool:
+def init_ray(cfg: Config) -> bool:
     """Attach to RAY_ADDRESS's cluster or start a local one (see the module docstring);
-    True if this call started Ray (the caller shuts it down). `forward_worker_output`
-    prints what workers print on this console (sweeps); a run keeps it in Ray's logs.
-    ConfigError with one line if RAY_ADDRESS names no reachable cluster."""
+    True if this call started Ray (the caller shuts it down). What workers print stays in
+    Ray's logs. ConfigError with one line if RAY_ADDRESS names no reachable cluster."""
     import ray
 
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS") or None
-    common = {"log_to_driver": forward_worker_output, "logging_level": logging.WARNING}
+    common = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address is None:
         port = free_local_port()
         auth_logger = logging.getLogger(AUTH_LOGGER)

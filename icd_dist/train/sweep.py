@@ -9,6 +9,10 @@
     end:    tune_summary.json, a table, a plot of the weights against the metric, and the best
             configurations as YAML files that `python -m icd_dist.run` accepts.
 
+The console: the step-0 training prints like a run; then one line per trial start, finished
+step and end, and a status line at most every 30 s (sweep_console.py). What the trials and
+their workers print stays in each trial's run.log and in Ray's log folder.
+
 Re-running the same sweep (run.name) restores the Tune experiment: finished trials are kept,
 unfinished ones restart and skip the steps they had finished.
 """
@@ -31,10 +35,12 @@ from icd_dist.config import Config, ConfigError, config_to_dict, dump_config, up
 from icd_dist.css.tasks import task_from_config
 from icd_dist.data.inspect import manifest_spec, selected_keys
 from icd_dist.data.manifest import load_manifest
+from icd_dist.train.ray_session import describe_ray, init_ray
 from icd_dist.train.run_folder import RunFolder
-from icd_dist.train.schedule import Log, init_ray, prepare_shards, run_schedule, use_gpu
+from icd_dist.train.schedule import Log, prepare_shards, run_schedule, use_gpu
 from icd_dist.train.step0_cache import Step0Cache, step0_identity, step0_key
 from icd_dist.train.storage import Storage
+from icd_dist.train.sweep_console import SweepConsole, fit_quietly, percent
 from icd_dist.train.tracking import Tracker, wandb_mode
 
 # Searched name -> config key.
@@ -239,7 +245,7 @@ def trial_concurrency(cfg: Config, gpus: bool, resources: Mapping[str, float],
 
 def _tuner(cfg: Config, trainable, space: dict, schedules: Sequence[str],
            last_steps: Mapping[str, int], storage: Storage, name: str,
-           points: Sequence[Mapping] | None, concurrency: int):
+           points: Sequence[Mapping] | None, concurrency: int, log: Log):
     from ray import tune
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
@@ -260,17 +266,24 @@ def _tuner(cfg: Config, trainable, space: dict, schedules: Sequence[str],
     scheduler = PerScheduleASHA(last_steps, t.grace_period, t.reduction_factor) \
         if t.scheduler == "asha" else None
     mode = wandb_mode(cfg.logging.wandb)
-    callbacks = [] if mode == "disabled" else [WandbTrialRuns(cfg, name, mode, storage)]
-    run_config = tune.RunConfig(
+    callbacks = [SweepConsole(log, storage.child("trials"), last_steps)]
+    if mode != "disabled":
+        callbacks.append(WandbTrialRuns(cfg, name, mode, storage))
+    run_config = tune.RunConfig(  # verbose=0: Tune prints nothing itself (fit_quietly)
         name="tune", storage_path=storage.uri(), callbacks=callbacks,
-        failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=1)
+        failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=0)
     tune_config = tune.TuneConfig(
         metric="score", mode="max", search_alg=search, scheduler=scheduler,
         num_samples=t.num_samples)
     path = storage.uri("tune")
     if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True, param_space=param_space), True
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=param_space)
+        # The restored RunConfig is the one pickled when the sweep first started: this
+        # driver's console and settings replace its callbacks and verbosity (no public API).
+        restored = tuner._local_tuner.get_run_config()
+        restored.callbacks, restored.verbose = callbacks, run_config.verbose
+        return tuner, True
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                       run_config=run_config), False
 
@@ -318,7 +331,9 @@ def run_sweep(cfg: Config, log: Log | None = None,
         last_steps[schedule] = task.num_steps - 1
     space = search_space(cfg)
     cache = Step0Cache(cfg.run.storage_path)
-    started = init_ray(cfg, forward_worker_output=True)  # the trials' output, as before
+    started = init_ray(cfg)
+    if started:
+        log(describe_ray())
     try:
         # A Ray this call started is this machine alone: it cannot grow to fit a trial.
         concurrency = trial_concurrency(cfg, use_gpu(cfg), ray.cluster_resources(),
@@ -340,11 +355,13 @@ def run_sweep(cfg: Config, log: Log | None = None,
                                  step0_keys=keys, metric=cfg.tune.metric),
             {"cpu": cfg.tune.trial_cpus})
         tuner, restored = _tuner(cfg, trainable, space, schedules, last_steps, storage, name,
-                                 points, concurrency)
+                                 points, concurrency, log)
         log(f"sweep {name}: {'resuming' if restored else 'starting'}; schedules "
             f"{', '.join(schedules)}; up to {concurrency} trials at once; results in "
             f"{storage.uri()}")
-        grid = tuner.fit()
+        log(f"trials' consoles in {storage.uri('trials')}/<trial>/run.log, their workers' "
+            "output in Ray's logs; here one line per trial start, step and end")
+        grid = fit_quietly(tuner)
         summary = summarize(cfg, name, storage, grid, schedules, last_steps, keys, cache)
     finally:
         if started:
@@ -455,10 +472,6 @@ def _write_best(cfg: Config, storage: Storage, filename: str, schedule: str,
     return storage.uri(filename)
 
 
-def _percent(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
-
-
 def format_sweep_table(summary: Mapping) -> str:
     """A console table of the trials (one line each: weights, status, last step reached, its
     old/new/hIoU and the score), a line on how to read it, and the best weights."""
@@ -472,9 +485,9 @@ def format_sweep_table(summary: Mapping) -> str:
             v = r["params"].get(n)
             cells += f"{v:>13.4g}" if isinstance(v, float) else f"{str(v):>13}"
         last = r["steps"][-1] if r["steps"] else {}
-        quality = "".join(f"{_percent(last.get(k)):>8}" for k in ("miou_old", "miou_new", "hiou"))
+        quality = "".join(f"{percent(last.get(k)):>8}" for k in ("miou_old", "miou_new", "hiou"))
         lines.append(f"{r['trial_id'][-14:]:<14}{r['schedule']:>9}{cells}{r['status']:>10}"
-                     f"{r['last_step']:>6}{quality}{_percent(r['score']):>8}")
+                     f"{r['last_step']:>6}{quality}{percent(r['score']):>8}")
     metric = {"all": "all-class mIoU", "hiou": "hIoU", "old": "old-class mIoU"}.get(
         summary.get("metric"), summary.get("metric"))
     lines.append(f"score: {metric} after the schedule's last step (finished trials only); "

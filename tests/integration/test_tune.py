@@ -3,6 +3,7 @@ step 0, killed mid-way and resumed; and ASHA stopping a planted bad trial."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,13 @@ def test_sweep_shares_step0_survives_driver_kill_and_writes_runnable_best(tmp_pa
         ray_stop()
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming" in resumed.stderr
+    # The console, first run and resumed: the sweep's lines (one per trial step among them),
+    # none of Ray Train's, DeepSpeed's or Tune's own.
+    console = (tmp_path / "first.log").read_text() + resumed.stderr + resumed.stdout
+    noise = [n for n in ("TrainController", "TrainingReport", "Reporting training result",
+                         "untested optimizer", "Trial status", "== Status ==") if n in console]
+    assert not noise, noise
+    assert re.search(r"^trial \w+ 2-[12] step 1/[12]: old \d", console, re.M), console[-3000:]
 
     summary = json.loads((sweep / "tune_summary.json").read_text())
     trials = summary["trials"]
@@ -137,3 +145,65 @@ def test_asha_stops_a_planted_bad_trial_before_its_last_step(tmp_path, monkeypat
     assert good["status"] == "finished" and good["last_step"] == 2, good
     assert good["steps"][1]["miou_all"] > bad["steps"][1]["miou_all"]
     assert summary["best_per_schedule"]["2-1"]["params"]["lambda_int"] == 1.0
+
+
+def test_sweep_console_has_trial_lines_only_and_a_resumed_sweep_keeps_it(tmp_path, capfd,
+                                                                        monkeypatch):
+    """The Tuner as run_sweep builds it, with trials that only report: the console holds
+    SweepConsole's lines, one per trial start, step and end, and nothing of Tune's own (its
+    experiment, status and per-trial tables). Restoring the sweep replaces the callbacks
+    pickled at its start with this driver's."""
+    from icd_dist.config import load_config
+    from icd_dist.train.ray_session import init_ray
+
+    cfg = load_config(ROOT / "configs" / "tune" / "demo.yaml", [
+        "tune.schedules=[2-1]", "tune.num_samples=2", "tune.scheduler=none",
+        "logging.wandb=disabled"])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert init_ray(cfg)  # as run_sweep starts it
+    try:
+        check_console(cfg, tmp_path, capfd)
+    finally:
+        import ray
+
+        ray.shutdown()
+
+
+def check_console(cfg, tmp_path, capfd):
+    """Two trials of two reported steps through the sweep's Tuner, then its restore."""
+    from icd_dist.train.storage import Storage
+    from icd_dist.train.sweep import _tuner, search_space
+    from icd_dist.train.sweep_console import fit_quietly
+
+    def report_two_steps(config):  # a trial that only reports, as sweep_trial does
+        from ray import tune
+
+        for step in (1, 2):
+            tune.report({"step": step, "score": 0.5, "schedule": config["schedule"],
+                         "miou_all": 0.5, "miou_old": 0.6, "miou_new": 0.4 * step,
+                         "hiou": 0.48})
+
+    capfd.readouterr()
+    storage = Storage(str(tmp_path / "runs")).child("console")
+    lines: list[str] = []
+    tuner, restored = _tuner(cfg, report_two_steps, search_space(cfg), ["2-1"], {"2-1": 2},
+                             storage, "console", None, 1, lines.append)
+    assert not restored
+    fit_quietly(tuner)
+    out, err = capfd.readouterr()
+    printed = [ln for ln in (out + err).splitlines() if ln.strip()]
+    assert not printed, "\n".join(printed)
+    trial_lines = [ln for ln in lines if not ln.startswith("sweep ")]  # + status lines if slow
+    assert len(trial_lines) == 8, "\n".join(lines)
+    for ln in trial_lines:
+        assert re.fullmatch(r"trial \w+_0000[01] 2-1(: started with lambda_ext=\S+, "
+                            r"lambda_int=\S+| step [12]/2: old 60.00 new (40|80).00 all 50.00 "
+                            r"hIoU 48.00|: finished)", ln), ln
+
+    again: list[str] = []
+    tuner, restored = _tuner(cfg, report_two_steps, search_space(cfg), ["2-1"], {"2-1": 2},
+                             storage, "console", None, 1, again.append)
+    assert restored
+    run_config = tuner._local_tuner.get_run_config()
+    assert run_config.verbose == 0
+    assert [c.log for c in run_config.callbacks] == [again.append]
