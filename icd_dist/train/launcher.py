@@ -25,7 +25,7 @@ import torch
 
 from icd_dist.config import Config
 from icd_dist.train.run_folder import RunFolder
-from icd_dist.train.step_worker import SchedulePlan, run_plan, train_schedule_worker
+from icd_dist.train.step_worker import SchedulePlan, run_plan, sees_gpu, train_schedule_worker
 
 
 def fit_with_ray(plan: SchedulePlan, run: RunFolder, cfg: Config, gpu: bool) -> None:
@@ -80,7 +80,7 @@ def fit_in_process(plan: SchedulePlan, cfg: Config,
                    before_step: Callable[[int], None] | None = None,
                    after_step: Callable[[int], None] | None = None) -> None:
     """Train every step of `plan` in this thread as one worker (engine.launcher=local)."""
-    gpu = torch.cuda.is_available() and cfg.engine.device != "cpu"
+    gpu = sees_gpu(cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.engine.cpus_per_worker)))
     try:

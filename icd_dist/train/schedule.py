@@ -50,7 +50,7 @@ from icd_dist.train.report import (
     write_plots,
 )
 from icd_dist.train.run_folder import SUMMARY, RunFolder, format_bytes
-from icd_dist.train.step_worker import SchedulePlan, StepJob
+from icd_dist.train.step_worker import SchedulePlan, StepJob, sees_gpu
 from icd_dist.train.storage import Storage
 from icd_dist.train.teacher_share import make_board
 
@@ -237,13 +237,6 @@ def check_step0_source(cfg: Config, task: Task, source: RunFolder) -> None:
                               f"has {ours}")
 
 
-def torch_cuda() -> bool:
-    """Whether this process sees a CUDA device."""
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _train_with_ray(plan: SchedulePlan, cfg: Config, run: RunFolder, gpu: bool, log: RunLog,
                     announce: Callable[[StepJob], None],
                     finished: Callable[[int], None]) -> None:
@@ -308,7 +301,7 @@ def _run_steps(cfg: Config, task: Task, name: str, run: RunFolder, dirs: tuple[s
                selections: dict[int, tuple[list[str], list[str]]], log: RunLog,
                on_step: StepCallback | None, final: int) -> dict:
     local = cfg.engine.launcher == "local"
-    gpu = (cfg.engine.device != "cpu" and torch_cuda()) if local else use_gpu(cfg)
+    gpu = sees_gpu(cfg) if local else use_gpu(cfg)
     where = "in this process, one worker" if local else f"{cfg.engine.num_workers} workers"
     log(f"run {name}: {task.dataset} {task.name} ({task.setting}), method {cfg.method.name}, "
         f"{task.num_steps} steps, {where} ({'GPU' if gpu else 'CPU'}, {cfg.engine.engine}); "

@@ -173,10 +173,15 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def sees_gpu(cfg: Config) -> bool:
+    """Whether this process trains on a GPU: it sees CUDA and engine.device is not cpu."""
+    return torch.cuda.is_available() and cfg.engine.device != "cpu"
+
+
 def _device(cfg: Config, launcher: str) -> torch.device:
     """The worker's device: Ray's GPU for this worker, the first GPU in-process (unless
     engine.device=cpu), else the CPU."""
-    if not torch.cuda.is_available() or cfg.engine.device == "cpu":
+    if not sees_gpu(cfg):
         return torch.device("cpu")
     if launcher == "local":
         return torch.device("cuda", 0)
