@@ -1,7 +1,8 @@
 """`python -m icd_dist.evaluate`: evaluate a step's model of a run on any shards, with the
 step's seen classes and the same metrics as training: the same images (data.eval_filter:
-those with a class seen up to the step other than background, MiB/PLOP's test set) and the
-same labels (data.eval_unseen, data.ignore_background) as the run's own evaluation.
+those with a class seen up to the step other than background, MiB/PLOP's test set), the same
+labels (data.eval_unseen, data.ignore_background), the same loader and the same scoring as
+the run's own evaluation (train/validation.py, which the workers run).
 
     python -m icd_dist.evaluate --run runs/demo [--step K] --data data/demo/val [--json]
 """
@@ -14,8 +15,7 @@ import sys
 
 import yaml
 
-from icd_dist.config import ConfigError, config_from_dict
-from icd_dist.css.remap import eval_lut
+from icd_dist.config import ConfigError, config_from_dict, update
 from icd_dist.css.tasks import task_from_config
 from icd_dist.data.inspect import eval_selected_keys, manifest_spec
 from icd_dist.data.manifest import load_manifest
@@ -30,16 +30,16 @@ def evaluate_run(run: str, data: str, step: int | None = None, batch_size: int =
     shards in `data`."""
     import torch
 
-    from icd_dist.data.torch_pipeline import AugmentConfig, ShardDataset, make_loader
     from icd_dist.losses.methods import inference_state
     from icd_dist.models.deeplab import build_model
-    from icd_dist.train.metrics import format_per_class_table, step_metrics
-    from icd_dist.train.step_worker import evaluate
+    from icd_dist.train.metrics import format_per_class_table
+    from icd_dist.train.validation import eval_loader, validate
 
     folder = RunFolder(run)
     if not folder.has_config():
         raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
     cfg = config_from_dict(yaml.safe_load(folder.read_config()) or {})
+    cfg = update(cfg, {"data.loader_workers": workers})
     manifest = load_manifest(data)
     task = task_from_config(cfg, manifest_spec(manifest))
     done = folder.done_steps(task.num_steps)
@@ -60,14 +60,9 @@ def evaluate_run(run: str, data: str, step: int | None = None, batch_size: int =
     if not keys:
         raise ValueError(f"no image in {data} has a class seen up to step {step} "
                          "(data.eval_filter)")
-    lut = eval_lut(task, step, cfg.data.ignore_background, unseen=cfg.data.eval_unseen)
-    dataset = ShardDataset(data, keys, lut,
-                           AugmentConfig(train=False, eval_size=cfg.data.eval_size))
-    loader = make_loader(dataset, batch_size, num_workers=workers)
-    cm, _ = evaluate(model, loader, task.num_seen(step), torch.device("cpu"))
-    names = [task.class_name(c) for c in task.seen_classes(step)]
-    metrics = step_metrics(cm, names, len(task.steps[0]))
-    return {"run": run, "step": step, "data": str(data), "images": len(dataset),
+    loader = eval_loader(cfg, task, step, data, keys, batch_size=batch_size)
+    metrics, _ = validate(model, loader, task, step, torch.device("cpu"))
+    return {"run": run, "step": step, "data": str(data), "images": len(keys),
             **metrics.to_dict(), "table": format_per_class_table(metrics, len(task.steps[0]))}
 
 

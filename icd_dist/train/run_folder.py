@@ -6,16 +6,13 @@ folder or an object-store URI); and how big the folder is.
              checkpoints/latest.json  checkpoints/epoch_e/ (engine state, rank_{r}.pt)
 
 Resuming needs a finished step's model.pt, metrics.json and DONE marker, and, for an
-unfinished step, its latest epoch checkpoint (the step loop keeps only that one). Once a step
-is DONE its engine checkpoint (DeepSpeed's model and optimiser states, several times the
-model's size) serves nothing, so it is deleted unless `run.keep_checkpoints=true`.
+unfinished step, its latest epoch checkpoint (checkpoint.py owns the checkpoints/ folder).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -28,11 +25,6 @@ SUMMARY = "summary.json"
 MODEL = "model.pt"
 METRICS = "metrics.json"
 WORKER_GROUPS = "worker_groups.log"  # a line per worker group that trained the run
-
-
-def checkpoints_dir(step: int) -> str:
-    """The epoch checkpoints of `step`, relative to the run folder."""
-    return f"step_{step}/checkpoints"
 
 
 class RunFolder:
@@ -152,63 +144,6 @@ class RunFolder:
         for name in (MODEL, METRICS, DONE):
             rel = f"step_{step}/{name}"
             self.storage.write_bytes(rel, source.storage.read_bytes(rel))
-
-    # epoch checkpoints of an unfinished step
-    def latest_epoch(self, step: int) -> int | None:
-        """The last epoch of `step` whose checkpoint is complete, or None."""
-        rel = f"{checkpoints_dir(step)}/latest.json"
-        return int(self.storage.read_json(rel)["epoch"]) if self.storage.exists(rel) else None
-
-    def write_epoch(self, step: int, epoch: int, write: Callable[[Path], None]) -> None:
-        """Let `write(folder)` put this rank's files of the epoch checkpoint in a local
-        folder (the checkpoint's own folder on a local disk; a temporary one uploaded after
-        it otherwise)."""
-        rel = f"{checkpoints_dir(step)}/epoch_{epoch}"
-        if self.local:
-            Path(self.storage.path(rel)).mkdir(parents=True, exist_ok=True)
-            write(Path(self.storage.path(rel)))
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            write(Path(folder))
-            for path in Path(folder).rglob("*"):
-                if path.is_file():
-                    self.storage.write_bytes(f"{rel}/{path.relative_to(folder)}",
-                                             path.read_bytes())
-
-    def commit_epoch(self, step: int, epoch: int) -> None:
-        """Record `epoch` as the latest complete checkpoint of `step` (once every rank wrote
-        its part) and delete the one before it."""
-        folder = checkpoints_dir(step)
-        self.storage.write_json(f"{folder}/latest.json", {"epoch": epoch})
-        previous = f"{folder}/epoch_{epoch - 1}"
-        if epoch > 0 and self.storage.exists(previous):
-            self.storage.fs.delete_dir(self.storage.path(previous))
-
-    def read_epoch(self, step: int, epoch: int, read: Callable[[Path], None]) -> None:
-        """Call `read(folder)` with a local folder holding the epoch checkpoint's files."""
-        rel = f"{checkpoints_dir(step)}/epoch_{epoch}"
-        if self.local:
-            read(Path(self.storage.path(rel)))
-            return
-        root = self.storage.path(rel)
-        with tempfile.TemporaryDirectory() as folder:
-            selector = pafs.FileSelector(root, recursive=True)
-            for info in self.storage.fs.get_file_info(selector):
-                if info.type == pafs.FileType.File:
-                    sub = info.path[len(root) + 1:]
-                    target = Path(folder) / sub
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(self.storage.read_bytes(f"{rel}/{sub}"))
-            read(Path(folder))
-
-    def prune_checkpoints(self, step: int) -> bool:
-        """Delete the epoch checkpoints of `step` if the step is DONE; True if any were
-        deleted. An unfinished step keeps them (a re-run resumes from its latest epoch)."""
-        folder = checkpoints_dir(step)
-        if not self.is_done(step) or not self.storage.exists(folder):
-            return False
-        self.storage.fs.delete_dir(self.storage.path(folder))
-        return True
 
     def size_bytes(self) -> int:
         """The total size of the run folder's files."""

@@ -37,6 +37,7 @@ from icd_dist.data.verify import check_run_shards
 from icd_dist.losses.methods import build_method
 from icd_dist.models.deeplab import resolve_head
 from icd_dist.models.pretrained import check_pretrained
+from icd_dist.train.checkpoint import EpochCheckpoints
 from icd_dist.train.console import RunLog, step_failure
 from icd_dist.train.launcher import FitThread, fit_in_process, fit_with_ray
 from icd_dist.train.progress import ProgressFollower
@@ -294,7 +295,7 @@ def _train_in_process(plan: SchedulePlan, cfg: Config, run: RunFolder, log: RunL
 
 def _prune(cfg: Config, run: RunFolder, step: int) -> None:
     if not cfg.run.keep_checkpoints:
-        run.prune_checkpoints(step)
+        EpochCheckpoints(run, step).prune()
 
 
 def _run_steps(cfg: Config, task: Task, name: str, run: RunFolder, dirs: tuple[str, str],

@@ -4,8 +4,9 @@ StepTrainer(job).fit() reads top-down: build the method, the student (the shared
 weights plus the new classifier head, or from scratch at step 0), the frozen teacher, the
 engine and this rank's loaders; resume from the latest epoch checkpoint if there is one; then
 epoch by epoch train_epoch, the optional evaluation, save (the engine's state and every rank's
-RNG and counters); last, evaluate (confusion matrix all-reduced) and write_results: rank 0
-writes the fp32 model.pt (the master weights), metrics.json and, last, the step's DONE marker.
+RNG and counters: checkpoint.py); last, evaluate (validation.py, the code `icd_dist.evaluate`
+runs too) and write_results: rank 0 writes the fp32 model.pt (the master weights),
+metrics.json and, last, the step's DONE marker.
 
 The budget (StepBudget) is fixed before training: every epoch is the same whole number of
 optimiser steps on every rank (data/epoch_order.py), the poly schedule runs over `iterations`
@@ -21,25 +22,24 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from icd_dist.config import Config, config_to_dict, micro_batch_and_accumulation
-from icd_dist.css.remap import eval_lut, train_lut
+from icd_dist.css.remap import train_lut
 from icd_dist.css.tasks import Task
 from icd_dist.data.epoch_order import micro_batches_per_epoch
 from icd_dist.data.pipeline import StepLoader
 from icd_dist.losses.methods import Method, build_method, inference_state
 from icd_dist.models.deeplab import DeepLabV3, build_model, to_sync_batchnorm
+from icd_dist.train.checkpoint import EpochCheckpoints, TrainState, set_rng_states
 from icd_dist.train.engine import PRECISION_DTYPES, TrainEngine, build_engine
-from icd_dist.train.metrics import ConfusionMatrix, step_metrics
+from icd_dist.train.metrics import StepMetrics
 from icd_dist.train.progress import ProgressWriter
 from icd_dist.train.run_folder import RunFolder
 from icd_dist.train.teacher_share import (
@@ -48,7 +48,8 @@ from icd_dist.train.teacher_share import (
     fetch_teacher_arrays,
     shared_tensors,
 )
-from icd_dist.train.tracking import Tracker, overlay_image, wandb_mode
+from icd_dist.train.tracking import Tracker, wandb_mode
+from icd_dist.train.validation import eval_loader, note_bad_samples, validate
 
 # Test hook: "STEP:EPOCH:RANK" makes that worker exit abruptly once, to test recovery.
 FAILURE_ENV = "ICD_DIST_INJECT_FAILURE"
@@ -105,34 +106,6 @@ class StepBudget:
         return cls(micro, accumulation, per_epoch, epochs, iterations)
 
 
-@dataclass
-class TrainState:
-    """What a rank counts while training, saved with every epoch checkpoint."""
-
-    global_step: int = 0  # applied optimiser steps
-    micro_batches: int = 0
-    loss_curve: list[float] = field(default_factory=list)  # rank 0: loss per applied step
-    bad: dict[tuple[str, str], str] = field(default_factory=dict)  # (shard, key) -> reason
-    bad_reads: int = 0  # how often training met a bad sample (every epoch meets it again)
-    seconds: float = 0.0  # training time over every attempt
-    # dtypes the student's taps and logits (and the teacher's logits) had in training
-    observed_dtypes: dict = field(default_factory=dict)
-
-    def to_saved(self) -> dict:
-        """Plain data for torch.save (weights_only loadable)."""
-        return {"global_step": self.global_step, "micro_batches": self.micro_batches,
-                "loss_curve": list(self.loss_curve), "bad_reads": self.bad_reads,
-                "bad": [[s, k, r] for (s, k), r in self.bad.items()], "seconds": self.seconds,
-                "observed_dtypes": dict(self.observed_dtypes)}
-
-    @classmethod
-    def from_saved(cls, d: dict) -> TrainState:
-        """Inverse of to_saved (checkpoints from before observed_dtypes load too)."""
-        return cls(d["global_step"], d["micro_batches"], list(d["loss_curve"]),
-                   {(s, k): r for s, k, r in d["bad"]}, d["bad_reads"], d["seconds"],
-                   dict(d.get("observed_dtypes", {})))
-
-
 def dtype_name(t: torch.Tensor | None) -> str | None:
     """"float32", "bfloat16", ... of a tensor (None without one)."""
     return None if t is None else str(t.dtype).split(".")[-1]
@@ -144,26 +117,6 @@ def observed_dtypes(student, teacher=None) -> dict:
     return {"taps": [dtype_name(f) for f in student.features],
             "logits": dtype_name(student.logits),
             "teacher_logits": dtype_name(teacher.logits) if teacher is not None else None}
-
-
-def rng_states() -> dict:
-    """This process's torch, CUDA, numpy and python RNG states (weights_only loadable)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": random.getstate()}
-
-
-def set_rng_states(states: dict) -> None:
-    """Restore what rng_states() returned."""
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -244,6 +197,7 @@ class StepTrainer:
             else torch.contiguous_format
         self.is_chief = self.rank == 0
         self.run = RunFolder(job.run_uri)
+        self.checkpoints = EpochCheckpoints(self.run, step)
         self.budget = StepBudget.of(cfg, step, len(job.train_keys))
         self.method = build_method(cfg, task, step).to(self.device)
         self.student = build_student(job, self.device, self.method)
@@ -290,10 +244,8 @@ class StepTrainer:
                            train_lut(task, step, cfg.data.ignore_background), True,
                            self.budget.micro, seed=cfg.run.seed + step,
                            batches_per_epoch=self.budget.batches_per_epoch, **common)
-        evaluation = StepLoader(cfg.data, job.eval_shards, job.eval_keys,
-                                eval_lut(task, step, cfg.data.ignore_background,
-                                         cfg.data.eval_unseen), False,
-                                cfg.eval.batch_size, seed=cfg.run.seed, **common)
+        evaluation = eval_loader(cfg, task, step, job.eval_shards, job.eval_keys,
+                                 self.rank, self.world, device_id)
         return train, evaluation
 
     def fit(self) -> None:
@@ -310,8 +262,7 @@ class StepTrainer:
             self.state.seconds += time.perf_counter() - started
             every = self.cfg.eval.every_n_epochs
             if every and (epoch + 1) % every == 0 and epoch + 1 < b.epochs:
-                cm, _ = self.evaluate()
-                m = step_metrics(cm, self._class_names(), len(self.task.steps[0]))
+                m, _ = self.evaluate()
                 self.tracker.log({f"eval/{k}": v for k, v in m.scalars().items()},
                                  step=self.state.global_step)
             self.save(epoch)
@@ -391,55 +342,35 @@ class StepTrainer:
             yield (batch.images.to(self.device, non_blocking=True),
                    batch.labels.to(self.device))
 
-    def evaluate(self, overlays: int = 0) -> tuple[ConfusionMatrix, list]:
-        """Confusion matrix (all-reduced) of the student on the step's evaluation data."""
-        return evaluate(self.engine.module, self.eval_loader, self.task.num_seen(self.step),
+    def evaluate(self, overlays: int = 0) -> tuple[StepMetrics, list]:
+        """The student's metrics on the step's evaluation data (every rank's images) and up
+        to `overlays` of this rank's (image, prediction, ground truth)."""
+        return validate(self.engine.module, self.eval_loader, self.task, self.step,
                         self.device, overlays, bad=self.state.bad)
 
     def save(self, epoch: int) -> None:
-        """Epoch checkpoint: every rank writes its part of the engine state and its own RNG
-        states and counters; after a barrier rank 0 records the epoch as the latest complete
-        one (written last) and drops the previous one."""
-        def write(folder: Path) -> None:
-            self.engine.save(folder)
-            torch.save({"rng": rng_states(), "state": self.state.to_saved(), "epoch": epoch},
-                       folder / f"rank_{self.rank}.pt")
-        self.run.write_epoch(self.step, epoch, write)
-        if self.world > 1:
-            dist.barrier()
-        if self.is_chief:
-            self.run.commit_epoch(self.step, epoch)
+        """Epoch checkpoint of every rank (checkpoint.EpochCheckpoints.save)."""
+        self.checkpoints.save(epoch, self.engine, self.state, self.rank, self.world)
 
     def restore(self) -> dict | None:
         """Load the latest complete epoch checkpoint of this step, if any (the engine, this
         rank's counters); sets start_epoch and returns the RNG states to apply before the
         next epoch (None when starting afresh)."""
-        epoch = self.run.latest_epoch(self.step)
-        if epoch is None:
+        restored = self.checkpoints.restore(self.engine, self.rank)
+        if restored is None:
             return None
-        saved: dict = {}
-
-        def read(folder: Path) -> None:
-            mine = folder / f"rank_{self.rank}.pt"
-            if not mine.is_file():
-                raise RuntimeError(f"the checkpoint of epoch {epoch} of step {self.step} has "
-                                   f"no state for rank {self.rank}: resume with the number of "
-                                   "workers that wrote it (engine.num_workers)")
-            self.engine.load(folder)
-            saved.update(torch.load(mine, map_location="cpu", weights_only=True))
-        self.run.read_epoch(self.step, epoch, read)
-        self.state = TrainState.from_saved(saved["state"])
-        self.start_epoch = epoch + 1
+        self.state = restored.state
+        self.start_epoch = restored.epoch + 1
         if self.progress is not None:
             self.progress.write(f"step {self.step}: resuming after epoch {self.start_epoch}/"
                                 f"{self.budget.epochs} (its checkpoint)")
-        return saved["rng"]
+        return restored.rng
 
     def write_results(self) -> None:
         """Final evaluation and the step's results (rank 0 writes model.pt, metrics.json,
         then DONE)."""
         cfg, task, step, st = self.cfg, self.task, self.step, self.state
-        cm, overlays = self.evaluate(cfg.logging.num_overlays if self.is_chief else 0)
+        metrics, overlays = self.evaluate(cfg.logging.num_overlays if self.is_chief else 0)
         # Checks written into the results: every rank ends with the same weights, the teacher
         # is the previous step's model, untouched, and every rank ran as many micro-batches.
         student_digests = _gather_objects(weights_digest(self.engine.module), self.world)
@@ -448,7 +379,6 @@ class StepTrainer:
         bad_samples = _gather_bad_samples(st.bad, self.world)
         bad_reads = sum(_gather_objects(st.bad_reads, self.world))
         if self.is_chief:
-            metrics = step_metrics(cm, self._class_names(), len(task.steps[0]))
             result = {"step": step, "classes": list(task.classes_at(step)), **metrics.to_dict(),
                       "train_images": len(self.job.train_keys),
                       "eval_images": len(self.job.eval_keys), "seconds": st.seconds,
@@ -477,9 +407,6 @@ class StepTrainer:
             self.final_state = state
         if self.world > 1:
             dist.barrier()
-
-    def _class_names(self) -> list[str]:
-        return [self.task.class_name(c) for c in self.task.seen_classes(self.step)]
 
 
 @dataclass
@@ -540,35 +467,6 @@ def train_schedule_worker(config: dict) -> None:
     run_plan(plan, ray.train.report)
 
 
-def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
-             overlays: int = 0, bad: dict | None = None) -> tuple[ConfusionMatrix, list]:
-    """Confusion matrix (all-reduced over the workers) of `model` on `loader`, and up to
-    `overlays` (image, prediction, ground truth) triples from this rank; the bad samples the
-    loader skipped are added to `bad` if given (see note_bad_samples). The model runs in its
-    weights' dtype: fp32 for a student of either engine in fp32 or bf16 (engine.py)."""
-    cm = ConfusionMatrix(num_classes, device=device)
-    kept: list = []
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        for batch in loader:
-            if bad is not None:
-                note_bad_samples(bad, batch)
-            if batch.images.numel() == 0:
-                continue
-            images = batch.images.to(device, non_blocking=True)
-            labels = batch.labels.to(device)
-            logits = model(images.to(dtype)).logits
-            pred = model.predict(logits)  # the argmax, or the classifier's own rule (DKD)
-            cm.update(pred, labels)
-            for k in range(min(overlays - len(kept), images.shape[0])):
-                kept.append((overlay_image(images[k].float().cpu().numpy()),
-                             pred[k].cpu().numpy().astype("uint8"),
-                             labels[k].clamp(max=255).cpu().numpy().astype("uint8")))
-    cm.all_reduce()
-    return cm, kept
-
-
 def weights_digest(module: torch.nn.Module) -> str:
     """sha256 of every parameter and buffer of `module` (exact equality across processes)."""
     h = hashlib.sha256()
@@ -590,13 +488,6 @@ def _gather_objects(value, world: int) -> list:
     out: list = [None] * world
     dist.all_gather_object(out, value)
     return out
-
-
-def note_bad_samples(bad: dict[tuple[str, str], str], batch) -> None:
-    """Add the samples a batch skipped to `bad` ((shard, key) -> reason): each sample once,
-    however often it is met."""
-    for b in batch.bad_samples:
-        bad.setdefault((b.shard, b.key), b.reason)
 
 
 def _gather_bad_samples(bad: dict[tuple[str, str], str], world: int) -> list[dict]:

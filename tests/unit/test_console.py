@@ -13,6 +13,7 @@ import torch
 
 from icd_dist.config import load_config
 from icd_dist.data.errors import BadSampleError
+from icd_dist.train.checkpoint import EpochCheckpoints
 from icd_dist.train.console import RunLog, StepFailedError, step_failure
 from icd_dist.train.progress import ProgressFollower, ProgressWriter
 from icd_dist.train.ray_session import job_env
@@ -103,7 +104,7 @@ def test_bad_samples_named_once_each():
 
 def test_skipped_samples_collected_once_however_often_met():
     from icd_dist.data.torch_pipeline import Batch, SkippedSample
-    from icd_dist.train.step_worker import note_bad_samples
+    from icd_dist.train.validation import note_bad_samples
 
     one = SkippedSample("s0.tar", "k1", "corrupt image")
     bad = {}
@@ -170,12 +171,12 @@ def test_checkpoints_pruned_once_a_step_is_done(tmp_path):
     make_step(storage, 0, done=True)
     make_step(storage, 1, done=False)
     assert folder_bytes(storage) == 2 * (4000 + 1000 + len('{\n  "epoch": 3\n}')) + 5
-    assert RunFolder(storage).prune_checkpoints(0)
+    assert EpochCheckpoints(RunFolder(storage), 0).prune()
     assert not (tmp_path / "run" / "step_0" / "checkpoints").exists()
     assert (tmp_path / "run" / "step_0" / "model.pt").is_file()
-    assert not RunFolder(storage).prune_checkpoints(1)  # unfinished: a re-run resumes from it
+    assert not EpochCheckpoints(RunFolder(storage), 1).prune()  # unfinished: kept
     assert (tmp_path / "run" / "step_1" / "checkpoints" / "epoch_3").is_dir()
-    assert not RunFolder(storage).prune_checkpoints(0)  # nothing left to delete
+    assert not EpochCheckpoints(RunFolder(storage), 0).prune()  # nothing left to delete
     assert load_config(None).run.keep_checkpoints is False
     assert load_config(None, ["run.keep_checkpoints=true"]).run.keep_checkpoints is True
 

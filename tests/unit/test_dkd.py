@@ -258,7 +258,7 @@ def _constant_dkd_model():
 
 
 def test_evaluation_uses_the_models_prediction_rule():
-    from icd_dist.train.step_worker import evaluate
+    from icd_dist.train.validation import evaluate
 
     model = _constant_dkd_model()
     labels = torch.zeros(2, 32, 32, dtype=torch.long)

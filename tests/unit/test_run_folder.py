@@ -34,26 +34,6 @@ def test_steps_models_metrics_and_done(tmp_path):
     assert run.local_step_dir(1, "x") == tmp_path / "run" / "step_1"
 
 
-def test_epoch_checkpoints_written_committed_read_and_pruned(tmp_path):
-    run = RunFolder(str(tmp_path / "run"))
-    assert run.latest_epoch(1) is None
-    for epoch in (0, 1):
-        run.write_epoch(1, epoch, lambda folder, e=epoch: (folder / "rank_0.pt").write_text(
-            str(e)))
-        assert run.latest_epoch(1) == (epoch - 1 if epoch else None)  # not yet committed
-        run.commit_epoch(1, epoch)
-        assert run.latest_epoch(1) == epoch
-    # the previous epoch's checkpoint is dropped once the next one is complete
-    assert not (tmp_path / "run" / "step_1" / "checkpoints" / "epoch_0").exists()
-    seen = []
-    run.read_epoch(1, 1, lambda folder: seen.append((folder / "rank_0.pt").read_text()))
-    assert seen == ["1"]
-    assert not run.prune_checkpoints(1)  # unfinished: a re-run resumes from it
-    run.mark_done(1)
-    assert run.prune_checkpoints(1) and run.latest_epoch(1) is None
-    assert run.size_bytes() == len(b"done\n")
-
-
 def test_only_run_folder_spells_run_folder_paths():
     pattern = re.compile(r"""f?["'](step_\{|[^"']*/(model\.pt|metrics\.json|DONE)["'])""")
     offenders = []
