@@ -485,6 +485,10 @@ def _cross_checks(cfg: Config) -> None:
             "data.scale_min",
             f"must be <= data.scale_max ({cfg.data.scale_min} > {cfg.data.scale_max})",
         )
+    if cfg.engine.launcher == "local" and cfg.engine.num_workers != 1:
+        raise ConfigError("engine.num_workers", "engine.launcher=local trains with one worker "
+                          "in this process (a sweep: in each trial's process); set "
+                          f"engine.num_workers=1 (got {cfg.engine.num_workers})")
 
 
 # --------------------------------------------------------------------------------------

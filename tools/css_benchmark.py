@@ -18,7 +18,10 @@ one per step) and the natural-order 6-5 / 6-1 tasks (thin new classes) on reques
 
 Shared runs: one CE step 0 per seed and task family (large-2s and large-4s share theirs;
 6-5 and 6-1 theirs), DKD's own step 0 likewise, one joint run per seed and family. Every run
-goes through `python -m icd_dist.run` on one local Ray cluster, `--parallel` at a time.
+goes through `python -m icd_dist.run`, `--parallel` at a time: in its own process
+(`--launcher local`, the default: CamVid runs train one worker, and in-process they give the
+weights of one Ray worker, bit for bit, without a worker group to start), or on one local Ray
+cluster the tool starts and stops (`--launcher ray`).
 Writes results.md, results.json (every score, per seed and eval set, the paired differences,
 the commands, the device and versions) and per_class_iou_<task>.png to --out.
 
@@ -174,7 +177,8 @@ def plan(args, shards: dict[str, Path], runs: Path) -> list[Job]:
     """Every run of the benchmark, each followed by its held-out evaluation; in the order
     they are started (evaluations as soon as their run is done, step-0 runs first)."""
     common = [f"data.train_shards={shards['train']}", f"data.eval_shards={shards['val']}",
-              f"run.storage_path={runs}", *(SMOKE_OVERRIDES if args.smoke else [])]
+              f"run.storage_path={runs}", f"engine.launcher={args.launcher}",
+              *(SMOKE_OVERRIDES if args.smoke else [])]
     tasks = list(args.tasks)
     if args.ablation_task and args.ablation_task not in tasks:
         tasks.append(args.ablation_task)
@@ -651,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-joint", dest="joint", action="store_false",
                    help="leave out the joint upper bound")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
+    p.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="engine.launcher of every run: local = each run in its own process "
+                        "(no Ray), ray = on one local Ray cluster the tool starts")
     p.add_argument("--smoke", action="store_true", help="ft and icd on large-2s only, tiny "
                    "budget and data, no joint and no ablation: an end-to-end check")
     args = p.parse_args(argv)
@@ -684,11 +691,13 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep)
-    head, ray_temp = start_ray(args.parallel, env, logs / "ray_head.log")
+    head, ray_temp = start_ray(args.parallel, env, logs / "ray_head.log") \
+        if args.launcher == "ray" else (None, None)
     try:
         run_jobs(jobs, args.parallel, env, logs)
     finally:
-        stop_ray(head, ray_temp)
+        if head is not None:
+            stop_ray(head, ray_temp)
     jobs = read_outputs(jobs, runs, logs)
     old_names = {}
     for job in (j for j in jobs if j.kind == "step0"):
@@ -704,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
                if (f := plot_per_class(rows, task, args.out / f"per_class_iou_{task}.png"))]
     meta = {"command": command.strip(), "date": dt.date.today().isoformat(), "device": device,
             "versions": versions(), "total_min": total_min, "seeds": args.seeds,
-            "parallel": args.parallel, "smoke": args.smoke,
+            "parallel": args.parallel, "launcher": args.launcher, "smoke": args.smoke,
             "eval_sets": {name: {"description": EVAL_SET_NAMES.get(name, name),
                                  "images": len(sets[name])} for name in EVAL_SETS},
             "train_images": len(sets["train"]), "heldout_drive": HELDOUT_DRIVE,

@@ -19,6 +19,7 @@ in RAY_ADDRESS (as under `ray job submit`) and starts a local one otherwise (ray
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,9 +52,9 @@ from icd_dist.train.report import (
     write_plots,
 )
 from icd_dist.train.run_folder import SUMMARY, RunFolder, format_bytes
-from icd_dist.train.step_worker import SchedulePlan, StepJob, sees_gpu
+from icd_dist.train.step_worker import FAILURE_ENV, SchedulePlan, StepJob, sees_gpu
 from icd_dist.train.storage import Storage
-from icd_dist.train.teacher_share import make_board
+from icd_dist.train.teacher_board import make_board
 
 Log = Callable[[str], None]
 POLL_S = 1.0  # how often the driver looks for the current step's DONE marker
@@ -123,10 +124,6 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
 
     run_log = RunLog(log)
     local = cfg.engine.launcher == "local"
-    if local and cfg.engine.num_workers != 1:
-        raise ConfigError("engine.num_workers", "engine.launcher=local trains with one worker "
-                          f"in this process; set engine.num_workers=1 (got "
-                          f"{cfg.engine.num_workers})")
     check_pretrained(cfg)  # VOC/ADE20K without ImageNet weights stop before anything starts
     train_dir, eval_dir = prepare_shards(cfg, run_log)
     train_manifest, eval_manifest = load_manifest(train_dir), load_manifest(eval_dir)
@@ -320,7 +317,8 @@ def _run_steps(cfg: Config, task: Task, name: str, run: RunFolder, dirs: tuple[s
             continue
         keys, eval_keys = selections[step]
         jobs.append(StepJob(cfg, task, step, name, run.uri(), *dirs, keys, eval_keys,
-                            failure_marker_dir=run.failures_dir(), launcher=cfg.engine.launcher))
+                            failure_marker_dir=run.failures_dir(), launcher=cfg.engine.launcher,
+                            inject_failure=os.environ.get(FAILURE_ENV, "")))
     groups_before = run.worker_group_starts()
 
     def announce(job: StepJob) -> None:
@@ -340,8 +338,8 @@ def _run_steps(cfg: Config, task: Task, name: str, run: RunFolder, dirs: tuple[s
     if jobs and local:
         _train_in_process(SchedulePlan(jobs), cfg, run, log, announce, finished)
     elif jobs:
-        _train_with_ray(SchedulePlan(jobs, make_board()), cfg, run, gpu, log, announce,
-                        finished)
+        board = make_board() if cfg.engine.num_workers > 1 else None  # one rank keeps its own
+        _train_with_ray(SchedulePlan(jobs, board), cfg, run, gpu, log, announce, finished)
     starts = run.worker_group_starts() - groups_before
     if jobs:
         log(f"{len(jobs)} steps trained by {starts} worker group"

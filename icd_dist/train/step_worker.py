@@ -51,7 +51,8 @@ from icd_dist.train.teacher_share import (
 from icd_dist.train.tracking import Tracker, wandb_mode
 from icd_dist.train.validation import eval_loader, note_bad_samples, validate
 
-# Test hook: "STEP:EPOCH:RANK" makes that worker exit abruptly once, to test recovery.
+# Test hook: "STEP:EPOCH:RANK" in the driver's environment makes that worker exit abruptly
+# once, to test recovery (read by the driver into StepJob.inject_failure).
 FAILURE_ENV = "ICD_DIST_INJECT_FAILURE"
 
 
@@ -70,6 +71,7 @@ class StepJob:
     eval_keys: list[str]
     teacher: object = None  # the previous step's weights: an ObjectRef or arrays (None: none)
     failure_marker_dir: str = ""
+    inject_failure: str = ""  # FAILURE_ENV's value in the driver (a test hook)
     launcher: str = "ray"  # engine.launcher: "local" runs in the driver's process
 
     @property
@@ -170,7 +172,7 @@ def build_student(job: StepJob, device: torch.device, method: Method) -> DeepLab
 
 
 def _maybe_inject_failure(job: StepJob, epoch: int, rank: int) -> None:
-    spec = os.environ.get(FAILURE_ENV)
+    spec = job.inject_failure
     if not spec or not job.failure_marker_dir:
         return
     step, ep, rk = (int(x) for x in spec.split(":"))
@@ -412,11 +414,11 @@ class StepTrainer:
 @dataclass
 class SchedulePlan:
     """What one fit trains: the jobs of the steps still to train, in order, computed before
-    Ray starts (classes, selections, budgets come with each job's config and task); with the
-    Ray launcher, the board actor through which each step's teacher reaches every rank."""
+    Ray starts (classes, selections, budgets come with each job's config and task); with
+    several Ray workers, the board actor through which each step's teacher reaches them."""
 
     jobs: list[StepJob]
-    board: object = None  # teacher_share.TeacherBoard handle (None in-process)
+    board: object = None  # teacher_board.TeacherBoard handle (None: one worker)
 
 
 def run_plan(plan: SchedulePlan, report: Callable[[dict], None] | None = None,

@@ -3,9 +3,12 @@
     driver: prepare the shards; per schedule, the step-0 identity (step0_cache.py); train each
             missing step-0 key once; then one Tune experiment whose trials are
             (schedule, weights) pairs.
-    trial:  a whole schedule through run_schedule (a TorchTrainer per step), its step 0
-            copied from the cache; after every incremental step it reports its metrics, so a
-            scheduler can stop bad weights early (ASHA per schedule, the step as time axis).
+    trial:  a whole schedule through run_schedule, its step 0 copied from the cache: one
+            TorchTrainer for the trial's steps (engine.launcher=ray), or, with
+            engine.launcher=local, the steps trained in the trial's own process (one worker:
+            no worker group to start per trial, the trial reserves the worker's CPUs/GPU);
+            after every incremental step it reports its metrics, so a scheduler can stop bad
+            weights early (ASHA per schedule, the step as time axis).
     end:    tune_summary.json, a table, a plot of the weights against the metric, and the best
             configurations as YAML files that `python -m icd_dist.run` accepts.
 
@@ -243,6 +246,17 @@ def trial_concurrency(cfg: Config, gpus: bool, resources: Mapping[str, float],
     return max(1, int(resources.get("CPU", 1) // per_trial_cpus))
 
 
+def trial_resources(cfg: Config, gpu: bool) -> dict[str, float]:
+    """What a trial's own process reserves: tune.trial_cpus for a driver of a TorchTrainer
+    (its workers reserve theirs), plus the one worker's CPUs (and GPU) when the trial trains
+    in-process (engine.launcher=local)."""
+    if cfg.engine.launcher != "local":
+        return {"cpu": cfg.tune.trial_cpus}
+    e = cfg.engine
+    return {"cpu": cfg.tune.trial_cpus + e.cpus_per_worker,
+            **({"gpu": e.gpus_per_worker} if gpu else {})}
+
+
 def _tuner(cfg: Config, trainable, space: dict, schedules: Sequence[str],
            last_steps: Mapping[str, int], storage: Storage, name: str,
            points: Sequence[Mapping] | None, concurrency: int, log: Log):
@@ -353,7 +367,7 @@ def run_sweep(cfg: Config, log: Log | None = None,
                                  # a relative storage_path would name another folder
                                  cache_root=Storage(cfg.run.storage_path).uri(),
                                  step0_keys=keys, metric=cfg.tune.metric),
-            {"cpu": cfg.tune.trial_cpus})
+            trial_resources(cfg, use_gpu(cfg)))
         tuner, restored = _tuner(cfg, trainable, space, schedules, last_steps, storage, name,
                                  points, concurrency, log)
         log(f"sweep {name}: {'resuming' if restored else 'starting'}; schedules "

@@ -3,9 +3,10 @@
 One fit trains every step of a schedule (train/step_worker.run_plan). Before step t > 0,
 rank 0 holds the model of t - 1 (from training it in this fit, else read once from its
 model.pt) and puts its fp32 weights in the object store ONCE (as numpy arrays); the ObjectRef
-reaches the other ranks through a small board actor the driver owns (so Ray counts their
-references instead of pinning the object for the worker's lifetime, as a ref pickled through
-torch.distributed would be). On CPU every worker on a node maps the same shared-memory arrays
+reaches the other ranks through a small board actor the driver owns (teacher_board.py; so Ray
+counts their references instead of pinning the object for the worker's lifetime, as a ref
+pickled through torch.distributed would be). A fit of one worker needs no board: its rank
+keeps the arrays itself. On CPU every worker on a node maps the same shared-memory arrays
 and builds its teacher on them without copying (the model is constructed on the meta device
 and the arrays are assigned as its tensors); on GPU each worker copies them to its device
 once, in the teacher's dtype. When step t ends, the ref is dropped and the store frees the
@@ -36,30 +37,6 @@ def put_teacher(state: Mapping[str, torch.Tensor]):
     import ray
 
     return ray.put(state_to_numpy(state))
-
-
-class TeacherBoard:
-    """A Ray actor (made with `make_board`) that holds the ObjectRef of the current step's
-    teacher, in band, for the ranks to fetch."""
-
-    def __init__(self):
-        self._refs: dict[int, object] = {}
-
-    def post(self, step: int, wrapped: list) -> None:
-        """Hold `wrapped[0]`, the ObjectRef of `step`'s teacher (in a list, so that Ray
-        passes the ref rather than its value); earlier steps' refs are dropped."""
-        self._refs = {step: wrapped[0]}
-
-    def get(self, step: int) -> list:
-        """[the ObjectRef of `step`'s teacher]."""
-        return [self._refs[step]]
-
-
-def make_board():
-    """A TeacherBoard actor (no CPU reserved), owned by the caller (the driver)."""
-    import ray
-
-    return ray.remote(num_cpus=0)(TeacherBoard).remote()
 
 
 class TeacherHandoff:

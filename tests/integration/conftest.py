@@ -23,6 +23,9 @@ TINY = [
     "engine.num_workers=2", "engine.cpus_per_worker=1", "engine.zero_stage=1",
     "eval.batch_size=8", "logging.wandb=offline", "logging.log_every=1",
     "logging.num_overlays=2",
+    # the readable ICD losses: the compiled path (CPU's default) costs each worker process
+    # a compile, and tests/unit/test_icd_kernels.py checks it equals this one
+    "loss.icd.impl=eager",
 ]
 
 

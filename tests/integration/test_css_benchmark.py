@@ -1,6 +1,7 @@
 """tools/css_benchmark.py --smoke on real CamVid images: one method pair (ft, icd) on large-2s
-from one shared step 0 per seed, two seeds, every run through `python -m icd_dist.run` on the
-tool's own Ray and scored on val and on the held-out drive (out of training)."""
+from one shared step 0 per seed, two seeds, every run through `python -m icd_dist.run` in its
+own process (the tool's default launcher) and scored on val and on the held-out drive (out of
+training)."""
 
 import json
 import os
@@ -42,6 +43,8 @@ def test_smoke_benchmark_writes_the_table_from_one_shared_step0(tmp_path):
         assert "--step0-from" in row["command"] and f"large-2s_{method}.yaml" in row["command"]
     assert "--last-step 0" in rows[("step0", "step0-large", "step 0 (shared)")]["command"]
     assert results["versions"]["torch"] and results["smoke"] is True
+    assert results["launcher"] == "local"
+    assert all("engine.launcher=local" in r["command"] for r in rows.values())
     assert results["eval_sets"]["heldout"]["images"] == 8 and results["heldout_drive"]
     # the held-out scores are the evaluation of each run's last model on the held-out shards
     from icd_dist.evaluate import evaluate_run
@@ -66,7 +69,7 @@ def test_smoke_benchmark_writes_the_table_from_one_shared_step0(tmp_path):
     assert len(by_seed[0]) == len(by_seed[1]) == 1 and by_seed[0] != by_seed[1]
     table = (out / "results.md").read_text()
     assert "| ft |" in table and "| icd |" in table and "--smoke" in table
-    # the tool stopped the Ray it started: nothing of it is left answering
+    # in-process runs: no Ray was started, and none is left answering
     status = subprocess.run([str(Path(sys.executable).with_name("ray")), "status"],
                             capture_output=True, text=True, timeout=120)
     assert status.returncode != 0

@@ -21,8 +21,10 @@ def msca_weights(run, step):
 
 def test_shared_step0_then_learned_msca_trained_once_and_carried(local_ray, tmp_path):
     logs = []
+    # the source step 0 in-process (one worker): what it trained is taken as it is
     source = run_schedule(tiny_config(tmp_path, *THREE_STEPS, "method.name=ft",
-                                      "run.name=step0"), log=logs.append, last_step=0)
+                                      "run.name=step0", "engine.launcher=local",
+                                      "engine.num_workers=1"), log=logs.append, last_step=0)
     assert [s["step"] for s in source["steps"]] == [0] and source["complete"] is False
     assert not (tmp_path / "runs" / "step0" / "step_1").exists()
 

@@ -85,16 +85,16 @@ def test_killed_worker_is_replaced_and_step_resumes_bit_identical(tmp_path, engi
     common = ["engine.max_failures=1", "optim.epochs=3", "task.name=offline",
               "method.name=joint", f"engine.engine={engine}"]
     steps = {}
-    for name, failure in (("straight", None), ("recover", "0:1:1")):
-        if failure:  # step 0, epoch 1, rank 1 exits abruptly once
-            os.environ[FAILURE_ENV] = failure
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for name, failure in (("straight", None), ("recover", "0:1:1")):
+            if failure:  # step 0, epoch 1, rank 1 exits abruptly once
+                os.environ[FAILURE_ENV] = failure
             cfg = tiny_config(tmp_path, f"run.name={name}", *common)
             steps[name] = run_schedule(cfg, log=lambda m: None)["steps"][0]
-        finally:
-            ray.shutdown()
-            os.environ.pop(FAILURE_ENV, None)
+    finally:
+        ray.shutdown()
+        os.environ.pop(FAILURE_ENV, None)
     run = tmp_path / "runs" / "recover"
     assert (run / "failures" / "failed_0_1_1").is_file()  # the failure did happen
     step = steps["recover"]
@@ -115,7 +115,7 @@ def test_in_process_launcher_equals_one_ray_worker_over_three_steps(tmp_path):
     import ray
 
     common = ["task.steps=[[0,1],[2],[3]]", "engine.num_workers=1", "engine.engine=ddp",
-              "optim.epochs=1", "loss.icd.impl=eager"]
+              "optim.epochs=1"]
     local = run_schedule(tiny_config(tmp_path, "run.name=local", "engine.launcher=local",
                                      *common), log=lambda m: None)
     assert not ray.is_initialized()  # the in-process launcher starts no Ray
@@ -139,18 +139,18 @@ def test_killed_worker_in_a_later_step_resumes_that_step_bit_identical(tmp_path)
     from its epoch-0 checkpoint: the weights of the uninterrupted schedule, bit for bit."""
     import ray
 
-    common = ["engine.max_failures=1", "engine.engine=ddp", "loss.icd.impl=eager"]
+    common = ["engine.max_failures=1", "engine.engine=ddp"]
     summaries = {}
-    for name, failure in (("straight", None), ("recover", "1:1:1")):
-        if failure:  # step 1, epoch 1, rank 1 exits abruptly once
-            os.environ[FAILURE_ENV] = failure
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for name, failure in (("straight", None), ("recover", "1:1:1")):
+            if failure:  # step 1, epoch 1, rank 1 exits abruptly once
+                os.environ[FAILURE_ENV] = failure
             summaries[name] = run_schedule(tiny_config(tmp_path, f"run.name={name}", *common),
                                            log=lambda m: None)
-        finally:
-            ray.shutdown()
-            os.environ.pop(FAILURE_ENV, None)
+    finally:
+        ray.shutdown()
+        os.environ.pop(FAILURE_ENV, None)
     assert (tmp_path / "runs" / "recover" / "failures" / "failed_1_1_1").is_file()
     straight, recover = summaries["straight"], summaries["recover"]
     assert straight["worker_group_starts"] == 1 and recover["worker_group_starts"] == 2

@@ -128,7 +128,9 @@ def test_asha_stops_a_planted_bad_trial_before_its_last_step(tmp_path, monkeypat
         "data.train_shards=data/train", "data.eval_shards=data/val",
         "run.storage_path=runs", "tune.schedules=[2-1]", "tune.max_concurrent=1",
         "tune.num_samples=2", "optim.epochs=5", "optim.epochs_incremental=3",
-        "engine.engine=ddp", "logging.wandb=disabled"])
+        "engine.engine=ddp", "logging.wandb=disabled",
+        # each trial a TorchTrainer inside its Tune trial (the demo's trials train in-process)
+        "engine.launcher=ray"])
     import ray
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

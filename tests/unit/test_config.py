@@ -128,6 +128,7 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
     ("loss.icd.msca_kernels=[7,8]", "loss.icd.msca_kernels", "odd positive"),
     ("loss.icd.stats=[mean, mean]", "loss.icd.stats", "distinct"),
     ("data.scale_min=3.0", "data.scale_min", "must be <= data.scale_max"),
+    ("engine.launcher=local", "engine.num_workers", "set engine.num_workers=1 (got 2)"),
     ("optim=3", "optim", "expected a mapping"),
 ])
 def test_wrong_types_and_values_name_the_key(override, key, fragment):

@@ -149,7 +149,7 @@ def test_heldout_drive_is_out_of_training(bench, tmp_path):
 
 def _args(**kw):
     base = {"seeds": [0], "smoke": False, "tasks": ["large-2s"], "methods": ["mib"],
-            "ablation_task": None, "joint": True}
+            "ablation_task": None, "joint": True, "launcher": "local"}
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -173,6 +173,7 @@ def test_plan_runs_every_continual_schedule_from_its_family_step0(bench, tmp_pat
     for j in trained:
         assert f"run.seed={j.seed}" in j.overrides and f"run.name={j.key}" in j.overrides
         assert f"data.train_shards={tmp_path / 't'}" in j.overrides
+        assert "engine.launcher=local" in j.overrides  # one worker each: in-process
         if j.kind in ("method", "ablation"):
             fam = "natural" if j.task == "6-5" else "large"
             assert j.needs == f"step0-{fam}-s{j.seed}"

@@ -29,9 +29,12 @@ def test_step0_key_is_shared_exactly_where_step0_is_the_same():
         assert key_of(replace(cfg, [override]), "2-1") == key_of(cfg, "2-1"), override
     # ... everything that trains step 0 does.
     for override in ("optim.lr=0.1", "optim.epochs=3", "run.seed=1", "model.head_channels=16",
-                     "data.crop_size=32", "data.crop_mode=padded", "engine.num_workers=2",
-                     "model.head=deeplabv3"):
-        assert key_of(replace(cfg, [override]), "2-1") != key_of(cfg, "2-1"), override
+                     "data.crop_size=32", "data.crop_mode=padded",
+                     "engine.launcher=ray engine.num_workers=2", "model.head=deeplabv3"):
+        assert key_of(replace(cfg, override.split()), "2-1") != key_of(cfg, "2-1"), override
+    # where the steps train does not change what they train (the in-process launcher gives
+    # one Ray worker's weights)
+    assert key_of(replace(cfg, ["engine.launcher=ray"]), "2-1") == key_of(cfg, "2-1")
     # auto is the head it resolves to (MiB's with the standard classifier)
     assert key_of(replace(cfg, ["model.head=mib"]), "2-1") == key_of(cfg, "2-1")
     assert key_of(cfg, "2-1", KEYS[:-1]) != key_of(cfg, "2-1")  # another image set
@@ -118,11 +121,24 @@ def test_trial_concurrency_fits_the_cluster_and_refuses_a_trial_that_cannot_fit(
     assert trial_concurrency(cfg, True, {"CPU": 16, "GPU": 16}, fixed_size=False) == 16
     # Two 1-CPU workers + the driver's sliver need 2.05 CPUs: on 2 cores the trial's
     # TorchTrainer would wait forever, so it is an error naming the keys to change.
-    too_big = replace(cfg, ["engine.num_workers=2", "engine.cpus_per_worker=1"])
+    too_big = replace(cfg, ["engine.launcher=ray", "engine.num_workers=2",
+                            "engine.cpus_per_worker=1"])
     with pytest.raises(ConfigError, match="one trial needs 2.05 CPUs"):
         trial_concurrency(too_big, False, two_cores, fixed_size=True)
     # A cluster that can grow (an autoscaler) is trusted to add the CPUs.
     assert trial_concurrency(too_big, False, two_cores, fixed_size=False) == 1
+
+
+def test_a_trial_reserves_its_workers_resources_when_it_trains_in_process():
+    from icd_dist.train.sweep import trial_resources
+
+    cfg = load_config("configs/tune/demo.yaml", ["engine.cpus_per_worker=0.9",
+                                                 "engine.gpus_per_worker=1"])
+    assert cfg.engine.launcher == "local"  # the demo's trials train in their own process
+    assert trial_resources(cfg, gpu=False) == {"cpu": pytest.approx(0.95)}
+    assert trial_resources(cfg, gpu=True) == {"cpu": pytest.approx(0.95), "gpu": 1}
+    # a TorchTrainer's driver: its workers reserve their own
+    assert trial_resources(replace(cfg, ["engine.launcher=ray"]), gpu=True) == {"cpu": 0.05}
 
 
 def test_sweep_table_shows_each_trials_old_new_and_hiou_at_its_last_step():

@@ -1,0 +1,31 @@
+"""The board actor through which a fit's ranks find the current step's teacher in the Ray
+object store (teacher_share.py says how the teacher is shared). It lives in a module that
+imports neither torch nor the model, so that its actor process starts in a fraction of a
+second and holds tens of MB rather than a torch runtime (it competes with the workers for
+the CPUs while they start)."""
+
+from __future__ import annotations
+
+
+class TeacherBoard:
+    """A Ray actor (made with `make_board`) that holds the ObjectRef of the current step's
+    teacher, in band, for the ranks to fetch."""
+
+    def __init__(self):
+        self._refs: dict[int, object] = {}
+
+    def post(self, step: int, wrapped: list) -> None:
+        """Hold `wrapped[0]`, the ObjectRef of `step`'s teacher (in a list, so that Ray
+        passes the ref rather than its value); earlier steps' refs are dropped."""
+        self._refs = {step: wrapped[0]}
+
+    def get(self, step: int) -> list:
+        """[the ObjectRef of `step`'s teacher]."""
+        return [self._refs[step]]
+
+
+def make_board():
+    """A TeacherBoard actor (no CPU reserved), owned by the caller (the driver)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(TeacherBoard).remote()
