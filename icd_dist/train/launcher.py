@@ -68,12 +68,28 @@ def process_group_of_one(gpu: bool) -> Iterator[None]:
         try:
             yield
         finally:
-            dist.destroy_process_group()
+            _destroy_process_group()
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+
+def _destroy_process_group() -> None:
+    """Destroy the default process group, through DeepSpeed where it used it: DeepSpeed keeps
+    its own references to the groups (its world and data-parallel groups), which a plain
+    torch destroy leaves pointing at the dead group, so the next in-process fit in this
+    process would fail on them."""
+    import sys
+
+    import torch.distributed as dist
+
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def fit_in_process(plan: SchedulePlan, cfg: Config,

@@ -21,7 +21,8 @@ TINY = [
     "model.norm=groupnorm", "optim.optimizer=adamw", "optim.lr=0.002",
     "optim.lr_incremental=0.001", "optim.batch_size=8", "optim.epochs=2",
     "engine.num_workers=2", "engine.cpus_per_worker=1", "engine.zero_stage=1",
-    "eval.batch_size=8", "logging.wandb=offline", "logging.log_every=1",
+    # W&B off (its start costs each step about 2 s); the tests that read its files turn it on
+    "eval.batch_size=8", "logging.wandb=disabled", "logging.log_every=1",
     "logging.num_overlays=2",
     # the readable ICD losses: the compiled path (CPU's default) costs each worker process
     # a compile, and tests/unit/test_icd_kernels.py checks it equals this one

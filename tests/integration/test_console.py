@@ -103,11 +103,12 @@ def corrupt_one_training_sample(tmp_path) -> tuple[str, str]:
     return rec.shard, rec.key
 
 
-def test_skipped_sample_named_once_and_counted_once(local_ray, tmp_path):
+def test_skipped_sample_named_once_and_counted_once(tmp_path):
     shard, key = corrupt_one_training_sample(tmp_path)
+    # in-process: what is checked is the data path and the console, not the workers
     cfg = tiny_config(tmp_path, "run.name=skip", "data.bad_samples=skip", "task.name=offline",
                       "method.name=joint", "optim.epochs=2", "run.keep_checkpoints=true",
-                      "logging.wandb=disabled")
+                      "engine.launcher=local", "engine.num_workers=1")
     logs = []
     summary = run_schedule(cfg, log=logs.append)
     lines = [ln for msg in logs for ln in msg.splitlines()]
@@ -132,7 +133,7 @@ def test_worker_data_error_is_one_line(local_ray, tmp_path):
     shard, key = corrupt_one_training_sample(tmp_path)
     # sizes only: the pre-flight lets the shard through, a worker meets the bad sample
     cfg = tiny_config(tmp_path, "run.name=fail", "data.verify=false", "task.name=offline",
-                      "method.name=joint", "optim.epochs=1", "logging.wandb=disabled")
+                      "method.name=joint", "optim.epochs=1")
     logs = []
     with pytest.raises(StepFailedError) as err:
         run_schedule(cfg, log=logs.append)

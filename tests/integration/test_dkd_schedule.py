@@ -22,7 +22,8 @@ def state(run, step):
 
 def test_dkd_schedule_deepspeed_and_ddp(local_ray, tmp_path):
     logs = []
-    summary = run_schedule(tiny_config(tmp_path, *DKD, "run.name=dkd"), log=logs.append)
+    summary = run_schedule(tiny_config(tmp_path, *DKD, "run.name=dkd", "logging.wandb=offline"),
+                           log=logs.append)
     run = tmp_path / "runs" / "dkd"
     assert summary["complete"] and [s["step"] for s in summary["steps"]] == [0, 1, 2]
     for s in summary["steps"]:
