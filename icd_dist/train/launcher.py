@@ -100,10 +100,29 @@ def fit_in_process(plan: SchedulePlan, cfg: Config,
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.engine.cpus_per_worker)))
     try:
-        with process_group_of_one(gpu):
+        with process_group_of_one(gpu), quiet_deepspeed():
             run_plan(plan, before_step=before_step, after_step=after_step)
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def quiet_deepspeed() -> Iterator[None]:
+    """DeepSpeed's logger kept to errors while a fit runs in this process: its INFO/WARNING lines
+    ("untested optimizer", its config dump) go to stdout, where a Ray worker's go to Ray's
+    logs; in-process they would break the console and `icd_dist.run`'s result-only stdout."""
+    import logging
+
+    def below_error(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    # a filter, not a level: deepspeed.initialize sets the logger's level from its config
+    logger = logging.getLogger("DeepSpeed")
+    logger.addFilter(below_error)
+    try:
+        yield
+    finally:
+        logger.removeFilter(below_error)
 
 
 class FitThread(threading.Thread):
