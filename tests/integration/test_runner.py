@@ -1,7 +1,6 @@
 """The schedule runner on a local Ray with 2 CPU workers: real Ray Train, real DeepSpeed."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -85,26 +84,37 @@ def test_deepspeed_and_ddp_same_loss_curve(tmp_path, capfd):
     assert curves["ds-again"] == curves["ds"]
 
 
+def straight_then_killed(tmp_path, monkeypatch, failure: str, *overrides) -> dict[str, dict]:
+    """The summaries of two runs of the tiny config with `overrides` on one local Ray:
+    "straight", and "recover", whose worker `failure` ("STEP:EPOCH:RANK") exits abruptly
+    once (the driver hands the hook to its workers)."""
+    import ray
+
+    summaries = {}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for name, spec in (("straight", None), ("recover", failure)):
+            if spec:
+                monkeypatch.setenv(FAILURE_ENV, spec)
+            summaries[name] = run_schedule(tiny_config(tmp_path, f"run.name={name}",
+                                                       *overrides), log=lambda m: None)
+    finally:
+        ray.shutdown()
+    return summaries
+
+
 @pytest.mark.parametrize("engine", ["deepspeed", "ddp"])
-def test_killed_worker_is_replaced_and_step_resumes_bit_identical(tmp_path, engine):
+def test_killed_worker_is_replaced_and_step_resumes_bit_identical(tmp_path, monkeypatch,
+                                                                   engine):
     """A worker killed after epoch 0's checkpoint: the group restarts, resumes after epoch 0
     and ends with the weights of the uninterrupted step, bit for bit (the RNG states, the
     optimiser and schedule, and the loaders' epochs restored)."""
-    import ray
-
     common = ["engine.max_failures=1", "optim.epochs=3", "task.name=offline",
               "method.name=joint", f"engine.engine={engine}"]
-    steps = {}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        for name, failure in (("straight", None), ("recover", "0:1:1")):
-            if failure:  # step 0, epoch 1, rank 1 exits abruptly once
-                os.environ[FAILURE_ENV] = failure
-            cfg = tiny_config(tmp_path, f"run.name={name}", *common)
-            steps[name] = run_schedule(cfg, log=lambda m: None)["steps"][0]
-    finally:
-        ray.shutdown()
-        os.environ.pop(FAILURE_ENV, None)
+    # step 0, epoch 1, rank 1 exits abruptly once
+    steps = {name: summary["steps"][0] for name, summary in
+             straight_then_killed(tmp_path, monkeypatch, "0:1:1", *common).items()}
+    cfg = tiny_config(tmp_path, *common)
     run = tmp_path / "runs" / "recover"
     assert (run / "failures" / "failed_0_1_1").is_file()  # the failure did happen
     step = steps["recover"]
@@ -143,24 +153,13 @@ def test_in_process_launcher_equals_one_ray_worker_over_three_steps(tmp_path):
         assert a["loss_curve"] == b["loss_curve"]
 
 
-def test_killed_worker_in_a_later_step_resumes_that_step_bit_identical(tmp_path):
+def test_killed_worker_in_a_later_step_resumes_that_step_bit_identical(tmp_path, monkeypatch):
     """One fit trains both steps; a worker killed in step 1 restarts the worker group, which
     skips step 0 (DONE), takes step 1's teacher from step 0's model.pt and resumes step 1
     from its epoch-0 checkpoint: the weights of the uninterrupted schedule, bit for bit."""
-    import ray
-
-    common = ["engine.max_failures=1", "engine.engine=ddp"]
-    summaries = {}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        for name, failure in (("straight", None), ("recover", "1:1:1")):
-            if failure:  # step 1, epoch 1, rank 1 exits abruptly once
-                os.environ[FAILURE_ENV] = failure
-            summaries[name] = run_schedule(tiny_config(tmp_path, f"run.name={name}", *common),
-                                           log=lambda m: None)
-    finally:
-        ray.shutdown()
-        os.environ.pop(FAILURE_ENV, None)
+    # step 1, epoch 1, rank 1 exits abruptly once
+    summaries = straight_then_killed(tmp_path, monkeypatch, "1:1:1", "engine.max_failures=1",
+                                     "engine.engine=ddp")
     assert (tmp_path / "runs" / "recover" / "failures" / "failed_1_1_1").is_file()
     straight, recover = summaries["straight"], summaries["recover"]
     assert straight["worker_group_starts"] == 1 and recover["worker_group_starts"] == 2
