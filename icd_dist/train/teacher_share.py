@@ -55,13 +55,11 @@ class TeacherHandoff:
         if self.rank == 0:
             if state is None:
                 state = self.run.load_model(step - 1)["state_dict"]
-            arrays = state_to_numpy(state)
             if self.board is None:
-                return arrays
+                return state_to_numpy(state)
             import ray
 
-            self._ref = ray.put(arrays)
-            del arrays
+            self._ref = put_teacher(state)
             ray.get(self.board.post.remote(step, [self._ref]))
         if self.world > 1:
             dist.barrier()  # the ref is posted before any rank asks for it
