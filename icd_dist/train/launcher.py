@@ -24,8 +24,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 from icd_dist.config import Config
+from icd_dist.train.plan import SchedulePlan, train_schedule_worker
 from icd_dist.train.run_folder import RunFolder
-from icd_dist.train.step_worker import SchedulePlan, run_plan, sees_gpu, train_schedule_worker
+from icd_dist.train.step_worker import run_plan, sees_gpu
 
 
 def fit_with_ray(plan: SchedulePlan, run: RunFolder, cfg: Config, gpu: bool) -> None:

@@ -41,6 +41,7 @@ from icd_dist.models.pretrained import check_pretrained
 from icd_dist.train.checkpoint import EpochCheckpoints
 from icd_dist.train.console import RunLog, step_failure
 from icd_dist.train.launcher import FitThread, fit_in_process, fit_with_ray
+from icd_dist.train.plan import FAILURE_ENV, SchedulePlan, StepJob
 from icd_dist.train.progress import ProgressFollower
 from icd_dist.train.ray_session import describe_ray, init_ray
 from icd_dist.train.report import (
@@ -52,7 +53,7 @@ from icd_dist.train.report import (
     write_plots,
 )
 from icd_dist.train.run_folder import SUMMARY, RunFolder, format_bytes
-from icd_dist.train.step_worker import FAILURE_ENV, SchedulePlan, StepJob, sees_gpu
+from icd_dist.train.step_worker import sees_gpu
 from icd_dist.train.storage import Storage
 from icd_dist.train.teacher_board import make_board
 

@@ -32,7 +32,6 @@ import torch.distributed as dist
 
 from icd_dist.config import Config, config_to_dict, micro_batch_and_accumulation
 from icd_dist.css.remap import train_lut
-from icd_dist.css.tasks import Task
 from icd_dist.data.epoch_order import micro_batches_per_epoch
 from icd_dist.data.pipeline import StepLoader
 from icd_dist.losses.methods import Method, build_method, inference_state
@@ -40,6 +39,7 @@ from icd_dist.models.deeplab import DeepLabV3, build_model, to_sync_batchnorm
 from icd_dist.train.checkpoint import EpochCheckpoints, TrainState, set_rng_states
 from icd_dist.train.engine import PRECISION_DTYPES, TrainEngine, build_engine
 from icd_dist.train.metrics import StepMetrics
+from icd_dist.train.plan import SchedulePlan, StepJob
 from icd_dist.train.progress import ProgressWriter
 from icd_dist.train.run_folder import RunFolder
 from icd_dist.train.teacher_share import (
@@ -50,34 +50,6 @@ from icd_dist.train.teacher_share import (
 )
 from icd_dist.train.tracking import Tracker, wandb_mode
 from icd_dist.train.validation import eval_loader, note_bad_samples, validate
-
-# Test hook: "STEP:EPOCH:RANK" in the driver's environment makes that worker exit abruptly
-# once, to test recovery (read by the driver into StepJob.inject_failure).
-FAILURE_ENV = "ICD_DIST_INJECT_FAILURE"
-
-
-@dataclass
-class StepJob:
-    """Everything a worker needs for one step (pickled into the TorchTrainer config)."""
-
-    cfg: Config
-    task: Task
-    step: int
-    run_name: str
-    run_uri: str
-    train_shards: str
-    eval_shards: str
-    train_keys: list[str]
-    eval_keys: list[str]
-    teacher: object = None  # the previous step's weights: an ObjectRef or arrays (None: none)
-    failure_marker_dir: str = ""
-    inject_failure: str = ""  # FAILURE_ENV's value in the driver (a test hook)
-    launcher: str = "ray"  # engine.launcher: "local" runs in the driver's process
-
-    @property
-    def folder(self) -> str:
-        """The step's folder inside the run."""
-        return RunFolder.step_dir(self.step)
 
 
 @dataclass(frozen=True)
@@ -411,16 +383,6 @@ class StepTrainer:
             dist.barrier()
 
 
-@dataclass
-class SchedulePlan:
-    """What one fit trains: the jobs of the steps still to train, in order, computed before
-    Ray starts (classes, selections, budgets come with each job's config and task); with
-    several Ray workers, the board actor through which each step's teacher reaches them."""
-
-    jobs: list[StepJob]
-    board: object = None  # teacher_board.TeacherBoard handle (None: one worker)
-
-
 def run_plan(plan: SchedulePlan, report: Callable[[dict], None] | None = None,
              before_step: Callable[[int], None] | None = None,
              after_step: Callable[[int], None] | None = None) -> int:
@@ -457,16 +419,6 @@ def run_plan(plan: SchedulePlan, report: Callable[[dict], None] | None = None,
         if after_step:
             after_step(job.step)
     return trained
-
-
-def train_schedule_worker(config: dict) -> None:
-    """Ray Train loop of a schedule: run_plan over the steps still to train, reporting each
-    epoch to Ray Train."""
-    import ray.train
-
-    plan: SchedulePlan = config["plan"]
-    torch.set_num_threads(max(1, int(plan.jobs[0].cfg.engine.cpus_per_worker)))
-    run_plan(plan, ray.train.report)
 
 
 def weights_digest(module: torch.nn.Module) -> str:

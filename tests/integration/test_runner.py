@@ -8,8 +8,9 @@ import torch
 
 from icd_dist.evaluate import evaluate_run
 from icd_dist.models.deeplab import build_model
+from icd_dist.train.plan import FAILURE_ENV
 from icd_dist.train.schedule import run_schedule
-from icd_dist.train.step_worker import FAILURE_ENV, weights_digest
+from icd_dist.train.step_worker import weights_digest
 from tests.integration.conftest import tiny_config
 
 pytestmark = pytest.mark.integration

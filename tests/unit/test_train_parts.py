@@ -90,7 +90,8 @@ def test_student_loads_the_shared_teacher_arrays_without_a_private_copy():
     from icd_dist.css import get_task
     from icd_dist.css.classes import generic_spec
     from icd_dist.losses.methods import build_method
-    from icd_dist.train.step_worker import StepJob, build_student
+    from icd_dist.train.plan import StepJob
+    from icd_dist.train.step_worker import build_student
 
     cfg = load_config(None, ["model.backbone=resnet18", "model.head_channels=8",
                              "model.norm=groupnorm", "method.name=mib"])
