@@ -13,6 +13,12 @@ import pytest
 
 from icd_dist.config import load_config
 
+# Ray Train for these fits of seconds: its controller polls the workers every 0.25 s, not 2 s
+# (each fit waits out a poll at its start and its end), and starts no preemption-watcher actor
+# (a process per fit; no test preempts a node). Subprocess drivers inherit both.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 TINY = [
     "data.dataset=synthetic", "data.synthetic.num_train=32", "data.synthetic.num_eval=12",
     "data.synthetic.classes=4", "data.synthetic.height=48", "data.synthetic.width=48",

@@ -16,12 +16,15 @@ from tests.integration.conftest import ray_stop, run_until_then_kill
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
-# The demo's synthetic data at a smaller size; one worker per trial with 0.9 CPU, so two
-# trials (0.9 + a 0.05 CPU driver each) train at once on 2 cores.
-SWEEP = [
+# The demo's synthetic data at a smaller size
+SMALL = [
     "data.synthetic.num_train=32", "data.synthetic.num_eval=12", "data.synthetic.height=48",
-    "data.synthetic.width=48", "data.crop_size=48", "data.eval_size=48", "optim.epochs=2",
-    "model.head_channels=32", "engine.cpus_per_worker=0.9", "tune.num_samples=2",
+    "data.synthetic.width=48", "data.crop_size=48", "data.eval_size=48",
+    "model.head_channels=32"]
+# one worker per trial with 0.9 CPU, so two trials (0.9 + a 0.05 CPU driver each) train at
+# once on 2 cores
+SWEEP = [
+    *SMALL, "optim.epochs=2", "engine.cpus_per_worker=0.9", "tune.num_samples=2",
     "tune.schedules=[2-1,2-2]",
     "logging.wandb=offline", "logging.log_every=1", "logging.num_overlays=1",
 ]
@@ -117,9 +120,9 @@ def test_asha_stops_a_planted_bad_trial_before_its_last_step(tmp_path, monkeypat
     distillation weight so huge that its loss overflows and its weights turn to NaN (DDP:
     DeepSpeed would skip the overflowing steps). At step 1 it is far below the sane trial
     (ASHA's cutoff at a rung holding one result is that result), so ASHA stops it there
-    (step 0 at 5 epochs: the sane trial's step 1 scored 30 mIoU, the bad one 19). The paths
-    are relative, as in the demo config: each trial runs in its own working directory and
-    must still find the shared step 0."""
+    (the small data, step 0 at 15 epochs: the sane trial's step 1 scored 30 mIoU, the bad
+    one 20). The paths are relative, as in the demo config: each trial runs in its own
+    working directory and must still find the shared step 0."""
     from icd_dist.config import load_config
     from icd_dist.train.sweep import run_sweep
 
@@ -127,8 +130,8 @@ def test_asha_stops_a_planted_bad_trial_before_its_last_step(tmp_path, monkeypat
     cfg = load_config(ROOT / "configs" / "tune" / "demo.yaml", [
         "data.train_shards=data/train", "data.eval_shards=data/val",
         "run.storage_path=runs", "tune.schedules=[2-1]", "tune.max_concurrent=1",
-        "tune.num_samples=2", "optim.epochs=5", "optim.epochs_incremental=3",
-        "engine.engine=ddp", "logging.wandb=disabled",
+        "tune.num_samples=2", "optim.epochs=15", "optim.epochs_incremental=3",
+        "engine.engine=ddp", "logging.wandb=disabled", *SMALL,
         # each trial a TorchTrainer inside its Tune trial (the demo's trials train in-process)
         "engine.launcher=ray"])
     import ray
