@@ -41,6 +41,7 @@ import torch
 from icd_dist.css.classes import IGNORE_INDEX
 from icd_dist.css.remap import DeviceLut
 from icd_dist.data.epoch_order import eval_indices, train_positions
+from icd_dist.data.fork_safety import note_fork_unsafe
 from icd_dist.data.manifest import SampleRecord
 from icd_dist.data.sample_io import read_member
 from icd_dist.data.shard_files import ShardFile, join
@@ -88,6 +89,8 @@ def _build_pipeline(source, o: DaliOptions):
     training by the draws of `augmentation_draws`."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
+
+    note_fork_unsafe("a DALI pipeline")  # its threads: loader workers are spawned from now on
 
     @pipeline_def(batch_size=o.batch_size, num_threads=o.num_threads, device_id=o.device_id,
                   exec_dynamic=True)

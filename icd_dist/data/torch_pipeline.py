@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from icd_dist.css.remap import apply_lut
 from icd_dist.data.epoch_order import eval_indices, train_positions
 from icd_dist.data.errors import BadSampleError
+from icd_dist.data.fork_safety import loader_context
 from icd_dist.data.manifest import load_manifest, select_records
 from icd_dist.data.sample_io import decode_sample, read_member
 from icd_dist.data.shard_files import ShardFile, exists, is_remote, join
@@ -213,9 +214,8 @@ def make_loader(dataset: ShardDataset, batch_size: int, rank: int = 0, world_siz
         sampler: Sampler = EpochSampler(len(dataset), seed, epoch, rank, world_size, per_rank)
     else:
         sampler = ContiguousShardSampler(len(dataset), rank, world_size)
-    # Object-store clients are not fork-safe once used (the manifest was read through one):
-    # loader workers of remote shards are spawned, and open their own.
-    context = "spawn" if dataset.remote and num_workers > 0 else None
+    # spawned workers open their own object-store clients and start no DALI threads
+    context = loader_context(num_workers, dataset.remote)
     return NormalizingLoader(DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         collate_fn=collate_skipping_bad, drop_last=False, persistent_workers=False,

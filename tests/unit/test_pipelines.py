@@ -267,6 +267,25 @@ def test_torch_loader_workers_give_same_batches(aligned_shards):
     assert all(torch.equal(x, y) for x, y in zip(one, two, strict=True))
 
 
+def test_loader_workers_are_spawned_once_a_dali_pipeline_ran(aligned_shards, monkeypatch):
+    """Loader workers are forked until a DALI pipeline runs in the process, spawned after it,
+    and read the same batches: forked after DALI's threads, they segfaulted or hung (about
+    every second run of test_torch_loader_workers_give_same_batches after
+    test_dali_shards_by_rank under pytest)."""
+    from icd_dist.data import fork_safety
+
+    monkeypatch.setattr(fork_safety, "_reasons", set())  # as if no DALI pipeline ran yet
+    keys = [s.key for s in load_manifest(aligned_shards).samples]
+    ds = ShardDataset(aligned_shards, keys, None, AugmentConfig(train=True, crop_size=32),
+                      seed=3)
+    assert make_loader(ds, 3, num_workers=2).loader.multiprocessing_context is None  # fork
+    dali_batches(aligned_shards, keys, DaliOptions(batch_size=2, train=False, eval_size=None))
+    spawned = make_loader(ds, 3, num_workers=2, epoch=2, seed=3)
+    assert spawned.loader.multiprocessing_context.get_start_method() == "spawn"
+    one = [b.images for b in make_loader(ds, 3, num_workers=0, epoch=2, seed=3)]
+    assert all(torch.equal(x, b.images) for x, b in zip(one, spawned, strict=True))
+
+
 def test_step_loader_and_pipeline_choice(voc_shards):
     cfg = load_config(None, ["data.crop_size=32", "data.pipeline=auto"])
     assert resolve_pipeline(cfg.data, on_gpu=False) == "torch"
