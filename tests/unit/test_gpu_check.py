@@ -232,28 +232,34 @@ def test_the_commands_options_exist(tmp_path, part):
             assert value in choices.group(1).split(","), (option, value, choices.group(0))
 
 
-def _collect(argv: list[str]) -> set[str]:
-    proc = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env=NO_CUDA)
-    assert proc.returncode in (0, 5), proc.stdout[-3000:]  # 5: none collected
-    return {line for line in proc.stdout.splitlines() if "::" in line}
+def _collect(*argvs: list[str]) -> list[set[str]]:
+    """The test ids each pytest command line collects, the collections run side by side."""
+    procs = [subprocess.Popen([sys.executable, *argv[1:]], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=NO_CUDA)
+             for argv in argvs]
+    ids = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode in (0, 5), out[-3000:]  # 5: none collected
+        ids.append({line for line in out.splitlines() if "::" in line})
+    return ids
 
 
 def test_the_two_cuda_parts_split_the_cuda_tests(tmp_path):
     """cuda_tests (default plan) and cuda_compiled each collect tests, none twice, and
     together every test marked cuda."""
     commands = dry_run_commands(tmp_path, "--parts", "cuda_tests,cuda_compiled")
-    ids = {}
-    for name, argv in commands.items():
-        argv = [a for a in argv if not a.startswith("--junitxml")] + ["--collect-only"]
-        ids[name] = _collect(argv)
+    argvs = {name: [a for a in argv if not a.startswith("--junitxml")] + ["--collect-only"]
+             for name, argv in commands.items()}
+    argv = argvs["cuda_tests"]
+    k = argv.index("-k")
+    argvs["every"] = argv[:k] + argv[k + 2:]  # the same pytest without the part's -k
+    ids = dict(zip(argvs, _collect(*argvs.values()), strict=True))
+    for name in commands:
         assert ids[name] and all("cuda" in i for i in ids[name]), name
     assert not ids["cuda_tests"] & ids["cuda_compiled"]
     assert all("compiled" in i for i in ids["cuda_compiled"])
-    argv = commands["cuda_tests"]
-    k = argv.index("-k")
-    every = [a for a in argv[:k] + argv[k + 2:] if not a.startswith("--junitxml")]
-    assert ids["cuda_tests"] | ids["cuda_compiled"] == _collect(every + ["--collect-only"])
+    assert ids["cuda_tests"] | ids["cuda_compiled"] == ids["every"]
 
 
 # --------------------------------------------------------------------------------------
