@@ -235,13 +235,19 @@ def test_the_commands_options_exist(tmp_path, part):
 def _collect(*argvs: list[str]) -> list[set[str]]:
     """The test ids each pytest command line collects, the collections run side by side."""
     procs = [subprocess.Popen([sys.executable, *argv[1:]], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=NO_CUDA)
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=NO_CUDA)
              for argv in argvs]
     ids = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode in (0, 5), out[-3000:]  # 5: none collected
-        ids.append({line for line in out.splitlines() if "::" in line})
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode in (0, 5), out[-3000:]  # 5: none collected
+            ids.append({line for line in out.splitlines() if "::" in line})
+    finally:
+        for proc in procs:  # the others, where one failed or timed out
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return ids
 
 
