@@ -1,6 +1,8 @@
 """Shared fixtures: tiny made-up datasets in the raw layouts, and the CamVid data when present."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,63 @@ if not torch.cuda.is_available():
 torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 CAMVID = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "camvid"
+
+# Integration tests (modules, or single tests) that start no Ray: tools, in-process runs and
+# plain subprocesses. They run beside the Ray tests, so the fixture below checks that no Ray
+# session appears under their own RAY_TMPDIR.
+RAY_FREE = (
+    "tests/integration/test_bench_data.py", "tests/integration/test_bench_loss.py",
+    "tests/integration/test_css_benchmark.py",
+    "tests/integration/test_console.py::test_skipped_sample_named_once_and_counted_once",
+    "tests/integration/test_runner.py::test_deepspeed_and_ddp_same_loss_curve",
+    "tests/integration/test_s3_storage.py::test_shards_read_from_s3_equal_local",
+)
+
+
+def ray_scope(nodeid: str) -> str:
+    """The pytest-xdist work unit of a test: "ray" for every integration test that starts Ray,
+    else the test itself (see pytest_xdist_make_scheduler)."""
+    if nodeid.startswith("tests/integration/") and not nodeid.startswith(RAY_FREE):
+        return "ray"
+    return nodeid
+
+
+@pytest.fixture(autouse=True)
+def ray_free_tests_start_no_ray(request, monkeypatch):
+    """A RAY_FREE integration test, and every process it starts, gets a RAY_TMPDIR of its
+    own; a Ray session created there fails the test (it would run beside the Ray tests).
+    The folder is short: Ray's socket paths under it must stay within 107 bytes."""
+    nodeid = request.node.nodeid
+    if not nodeid.startswith("tests/integration/") or ray_scope(nodeid) == "ray":
+        yield
+        return
+    folder = Path(tempfile.mkdtemp(prefix="rayfree-"))
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    try:
+        yield
+        sessions = sorted(p.name for p in (folder / "ray").glob("session_*"))
+        assert not sessions, (f"{nodeid} is listed in tests/conftest.py's RAY_FREE but "
+                              f"started Ray ({sessions})")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n 2` (the README's test command) the tests that start Ray run one after another
+    in one worker process, as they must: a killed driver's test stops every Ray of the machine
+    (`ray stop --force`), others check that none answers or start a second instance on
+    purpose. The other worker meanwhile runs the rest of the suite, mostly single-threaded, on
+    the core a Ray test leaves idle about a quarter of its time. (xdist's own
+    `--dist loadgroup` reads its groups from node ids that pytest 9.2 no longer lets it
+    change.) The "ray" unit is the largest, so xdist hands it out first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTestsInOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return ray_scope(nodeid)
+
+    return RayTestsInOneWorker(config, log)
 
 
 def camvid_root() -> Path:

@@ -69,7 +69,6 @@ def test_smoke_benchmark_writes_the_table_from_one_shared_step0(tmp_path):
     assert len(by_seed[0]) == len(by_seed[1]) == 1 and by_seed[0] != by_seed[1]
     table = (out / "results.md").read_text()
     assert "| ft |" in table and "| icd |" in table and "--smoke" in table
-    # in-process runs: no Ray was started, and none is left answering
-    status = subprocess.run([str(Path(sys.executable).with_name("ray")), "status"],
-                            capture_output=True, text=True, timeout=120)
-    assert status.returncode != 0
+    # in-process runs: no Ray session was ever created under this test's RAY_TMPDIR (set by
+    # tests/conftest.py for its Ray-free tests; the runs inherited it)
+    assert not list((Path(os.environ["RAY_TMPDIR"]) / "ray").glob("session_*"))
