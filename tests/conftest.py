@@ -24,6 +24,7 @@ CAMVID = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "camvi
 # session appears under their own RAY_TMPDIR.
 RAY_FREE = (
     "tests/integration/test_bench_data.py", "tests/integration/test_bench_loss.py",
+    "tests/integration/test_bench_shard_reads.py",
     "tests/integration/test_css_benchmark.py",
     "tests/integration/test_console.py::test_skipped_sample_named_once_and_counted_once",
     "tests/integration/test_runner.py::test_deepspeed_and_ddp_same_loss_curve",
