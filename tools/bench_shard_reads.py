@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,17 +43,11 @@ from bench_common import cpu_name  # noqa: E402
 from icd_dist.data.manifest import load_manifest  # noqa: E402
 from icd_dist.data.shard_files import ShardFile  # noqa: E402
 from icd_dist.data.synthetic import build_synthetic  # noqa: E402
+from icd_dist.train.ray_session import free_local_port  # noqa: E402
 
 BUCKET = "bench"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_moto(port: int) -> tuple[subprocess.Popen, object]:
@@ -124,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import webdataset as wds
 
-    port = free_port()
+    port = free_local_port()
     server, client = start_moto(port)
     saved = {k: os.environ.get(k) for k in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
     os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
