@@ -314,22 +314,23 @@ class LoggingConfig:
     group: str | None = None
 
 
-@dataclass(frozen=True)
-class TuneSpaceConfig:
-    """The search space of `python -m icd_dist.tune`; a dimension left null keeps the value
-    of the run config. Ranges are log-uniform [low, high]; tau and stats are choices."""
+SPACE_KEY = "tune.space"
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "lograndint")
+# Keys a sweep cannot search: its own settings, the run's identity, and the schedule (the
+# sweep's schedules are tune.schedules).
+UNSEARCHABLE = ("tune.", "run.", "task.")
 
-    lambda_int: tuple[float, float] | None = (0.01, 100.0)
-    lambda_ext: tuple[float, float] | None = (0.1, 1000.0)
-    lambda_kd: tuple[float, float] | None = None
-    tau: tuple[float, ...] | None = None
-    stats: tuple[tuple[
-        Literal["mean", "std", "max", "spatial_mean", "spatial_std"], ...], ...] | None = None
-    # DKD's weights at steps t > 0 (loss.dkd.kd, dkd_pos, dkd_neg); a DKD sweep nulls the
-    # ICD dimensions above.
-    dkd_kd: tuple[float, float] | None = None
-    dkd_pos: tuple[float, float] | None = None
-    dkd_neg: tuple[float, float] | None = None
+
+@dataclass(frozen=True)
+class SearchDim:
+    """One dimension of a sweep: the config key `key` drawn from `distribution` over
+    `values`: [low, high] for loguniform/uniform (floats) and randint/lograndint (integers,
+    both ends included), the options for choice. Written in YAML as
+    `{key: {distribution: values}}`."""
+
+    key: str
+    distribution: Literal["loguniform", "uniform", "choice", "randint", "lograndint"]
+    values: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -338,7 +339,13 @@ class TuneConfig:
 
     # Task names of the run's dataset (e.g. [6-5, 6-1]); empty = task.name alone.
     schedules: tuple[str, ...] = ()
-    space: TuneSpaceConfig = field(default_factory=TuneSpaceConfig)
+    # Config key -> distribution, e.g. {loss.pod.lambda_pod: {loguniform: [0.001, 0.1]},
+    # loss.seg: {choice: [unbiased_ce, pseudo_ce]}}; a key set to null is not searched;
+    # "method" (or nothing) = the method's own space (its weights and optim.lr_incremental,
+    # declared next to the method in losses/methods.py). Checked against this schema when
+    # the config loads: the key exists, the distribution suits its type, every value
+    # passes its rule.
+    space: tuple[SearchDim, ...] = ()
     # random: num_samples weight sets, each run on every schedule; optuna: TPE proposes
     # num_samples (schedule, weights) trials.
     search: Literal["random", "optuna"] = "random"
@@ -381,10 +388,6 @@ def _positive(v: Any) -> bool:
 
 def _non_negative(v: Any) -> bool:
     return v is None or v >= 0
-
-
-def _log_range(v: Any) -> bool:
-    return v is None or (len(v) == 2 and 0 < v[0] <= v[1])
 
 
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
@@ -448,16 +451,6 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "tune.max_concurrent": (_non_negative, "an integer >= 0"),
     "tune.trial_cpus": (_non_negative, "a number >= 0"),
     "tune.max_failures": (lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)"),
-    "tune.space.lambda_int": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
-    "tune.space.lambda_ext": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
-    "tune.space.lambda_kd": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
-    "tune.space.dkd_kd": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
-    "tune.space.dkd_pos": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
-    "tune.space.dkd_neg": (lambda v: _log_range(v), "null or [low, high] with 0 < low <= high"),
-    "tune.space.tau": (lambda v: v is None or (len(v) > 0 and all(t > 0 for t in v)),
-                       "null or a non-empty list of positive numbers"),
-    "tune.space.stats": (lambda v: v is None or (len(v) > 0 and all(len(s) > 0 for s in v)),
-                         "null or a non-empty list of non-empty statistic lists"),
     "eval.every_n_epochs": (_non_negative, "an integer >= 0"),
     "eval.batch_size": (_positive, "a positive integer"),
     "logging.log_every": (_positive, "a positive integer"),
@@ -600,16 +593,24 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, sources: Mapping[str
                                   f"{value!r}", sources.get(full))
             kwargs[key] = _build(tp, value, full + ".", sources)
             continue
-        try:
-            kwargs[key] = _coerce(value, tp)
-        except _Mismatch:
-            raise ConfigError(
-                full, f"expected {_type_name(tp)}, got {value!r}", sources.get(full)
-            ) from None
-        rule = _RULES.get(full)
-        if rule is not None and not rule[0](kwargs[key]):
-            raise ConfigError(full, f"must be {rule[1]}, got {value!r}", sources.get(full))
+        kwargs[key] = _typed_value(tp, value, full, sources.get(full), sources)
     return cls(**kwargs)
+
+
+def _typed_value(tp: Any, value: Any, full: str, source: str | None,
+                 sources: Mapping[str, str] | None = None) -> Any:
+    """`value` converted to the schema type `tp` of the key `full` and checked against the
+    key's rule; a ConfigError naming the key otherwise."""
+    if tp == tuple[SearchDim, ...]:
+        return _search_space(value, full, sources or {})
+    try:
+        typed = _coerce(value, tp)
+    except _Mismatch:
+        raise ConfigError(full, f"expected {_type_name(tp)}, got {value!r}", source) from None
+    rule = _RULES.get(full)
+    if rule is not None and not rule[0](typed):
+        raise ConfigError(full, f"must be {rule[1]}, got {value!r}", source)
+    return typed
 
 
 def config_from_dict(data: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Config:
@@ -628,6 +629,10 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     `config_from_dict(config_to_dict(cfg)) == cfg`."""
 
     def plain(v: Any) -> Any:
+        if isinstance(v, TuneConfig):
+            return {**{f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)},
+                    "space": {d.key: {d.distribution: plain(d.values)} for d in v.space}
+                    if v.space else "method"}
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, tuple):
@@ -635,6 +640,157 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return plain(cfg)
+
+
+# --------------------------------------------------------------------------------------
+# The search space of a sweep (tune.space)
+# --------------------------------------------------------------------------------------
+
+
+def _search_space(value: Any, full: str, sources: Mapping[str, str]) -> tuple[SearchDim, ...]:
+    """tune.space from plain data ("method", a mapping of config keys, flat or nested, to
+    {distribution: values}) or from SearchDims, every dimension checked (check_search_dim)."""
+    if value is None or value == "method":
+        return ()
+    if isinstance(value, Sequence) and not isinstance(value, str) and all(
+            isinstance(d, SearchDim) for d in value):
+        return tuple(check_search_dim(d, full) for d in value)
+    if not isinstance(value, Mapping):
+        raise ConfigError(full, f"expected \"method\" or a mapping of config keys to "
+                          f"{{distribution: values}}, got {value!r}", sources.get(full))
+    dims: dict[str, SearchDim] = {}
+
+    def walk(node: Mapping[str, Any], key: str) -> None:
+        for name, sub in node.items():
+            child = f"{key}.{name}" if key else str(name)
+            where = sources.get(f"{full}.{child}")
+            if sub is None:  # null: not searched (still a config key)
+                try:
+                    _leaf_type(child)
+                except ConfigError as exc:
+                    raise ConfigError(f"{full}.{child}", f"not a config key: {exc.detail}",
+                                      where) from None
+                dims.pop(child, None)
+                continue
+            if isinstance(sub, Mapping) and sub and set(sub) <= set(DISTRIBUTIONS):
+                if len(sub) != 1:
+                    raise ConfigError(f"{full}.{child}", f"give one distribution, got "
+                                      f"{', '.join(sub)}", where)
+                ((distribution, values),) = sub.items()
+                where = sources.get(f"{full}.{child}.{distribution}", where)
+                if isinstance(values, str) or not isinstance(values, Sequence):
+                    raise ConfigError(f"{full}.{child}", f"{distribution} takes a list, got "
+                                      f"{values!r}", where)
+                dims[child] = check_search_dim(SearchDim(child, distribution, tuple(values)),
+                                               full, where)
+            elif isinstance(sub, Mapping) and sub and not _is_leaf(child):
+                walk(sub, child)
+            else:
+                try:
+                    _leaf_type(child)
+                except ConfigError as exc:
+                    raise ConfigError(f"{full}.{child}", f"not a config key: {exc.detail}",
+                                      where) from None
+                raise ConfigError(f"{full}.{child}", "expected {distribution: values} with a "
+                                  f"distribution among {', '.join(DISTRIBUTIONS)} (e.g. "
+                                  f"{{loguniform: [0.01, 1.0]}}), got {sub!r}", where)
+
+    walk(value, "")
+    return tuple(dims.values())
+
+
+def _is_leaf(key: str) -> bool:
+    try:
+        _leaf_type(key)
+    except ConfigError:
+        return False
+    return True
+
+
+def _leaf_type(key: str) -> Any:
+    """The schema type of the config key `key` (a ConfigError naming it if it is not one)."""
+    node: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(key, f"{'.'.join(parts[:i])} is {_type_name(node)}, not a section")
+        fields = _schema_fields(node)
+        if part not in fields:
+            raise _unknown_key_error(".".join(parts[:i]) + "." if i else "", part, node, None)
+        node = fields[part]
+    if dataclasses.is_dataclass(node):
+        raise ConfigError(key, "is a section: search its keys one by one")
+    return node
+
+
+def check_search_dim(dim: SearchDim, space_key: str = "tune.space",
+                     source: str | None = None) -> SearchDim:
+    """`dim` with its values typed as its config key's, or a ConfigError naming
+    `{space_key}.{key}`: the key must exist and be searchable, the distribution suit the key's
+    type (loguniform/uniform: a number; randint/lograndint: an integer; choice: any), ranges
+    be [low, high] with low < high (low > 0 for the log ones), and every value pass the
+    key's own rule."""
+    name = f"{space_key}.{dim.key}"
+    if dim.key.startswith(UNSEARCHABLE):
+        raise ConfigError(name, f"a sweep cannot search {dim.key.split('.')[0]}.* keys (its "
+                          "own settings, the run's identity and the schedule; the schedules "
+                          "are tune.schedules)", source)
+    try:
+        tp = _leaf_type(dim.key)
+    except ConfigError as exc:
+        raise ConfigError(name, f"not a config key: {exc.detail}", source) from None
+    if dim.distribution not in DISTRIBUTIONS:
+        raise ConfigError(name, f"unknown distribution {dim.distribution!r}; allowed: "
+                          f"{', '.join(DISTRIBUTIONS)}", source)
+
+    def typed(v: Any) -> Any:
+        try:
+            return _typed_value(tp, v, dim.key, source)
+        except ConfigError as exc:
+            raise ConfigError(name, f"{exc.detail} ({dim.distribution} value)", source) from None
+
+    if dim.distribution == "choice":
+        if not dim.values:
+            raise ConfigError(name, "choice needs at least one option", source)
+        values = tuple(typed(v) for v in dim.values)
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(name, f"choice options repeat: {list(dim.values)}", source)
+        return SearchDim(dim.key, dim.distribution, values)
+    integer = dim.distribution in ("randint", "lograndint")
+    if not (_accepts_int(tp) if integer else _accepts_float(tp)):
+        use = "randint or lograndint" if not integer and _accepts_int(tp) else \
+            "loguniform or uniform" if integer and _accepts_float(tp) else "choice"
+        raise ConfigError(name, f"is {_type_name(tp)}: {dim.distribution} does not suit it; "
+                          f"use {use}", source)
+    try:
+        if len(dim.values) != 2:
+            raise _Mismatch
+        bounds = [_coerce(v, int if integer else float) for v in dim.values]
+    except _Mismatch:
+        raise ConfigError(name, f"{dim.distribution} takes [low, high], two "
+                          f"{'integers' if integer else 'numbers'}; got {list(dim.values)}",
+                          source) from None
+    low, high = (typed(v) for v in bounds)
+    if not low < high:
+        raise ConfigError(name, f"needs low < high, got [{low}, {high}] (to fix the value, set "
+                          "the key itself, not a search dimension)", source)
+    if dim.distribution.startswith("log") and low <= 0:
+        raise ConfigError(name, f"{dim.distribution} needs low > 0, got {low}", source)
+    return SearchDim(dim.key, dim.distribution, (low, high))
+
+
+def _accepts_int(tp: Any) -> bool:
+    try:
+        return type(_coerce(3, tp)) is int
+    except _Mismatch:
+        return False
+
+
+def _accepts_float(tp: Any) -> bool:
+    try:
+        return type(_coerce(0.5, tp)) is float
+    except _Mismatch:
+        return False
 
 
 # --------------------------------------------------------------------------------------
@@ -664,11 +820,26 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], sources: dict[str, s
     out = dict(base)
     for key, value in update.items():
         full = f"{prefix}{key}"
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if full == SPACE_KEY and isinstance(value, Mapping):
+            value = _nest_dotted(value)  # so that a later file or override wins key by key
+        # a search dimension ({loguniform: [lo, hi]}) replaces the one before, not merges
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and \
+                not (value and set(value) <= set(DISTRIBUTIONS)):
             out[key] = _merge(dict(out[key]), value, sources, source, full + ".")
         else:
             out[key] = value
             _record_sources(value, full, source, sources)
+    return out
+
+
+def _nest_dotted(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """{"loss.icd.tau": v} as {"loss": {"icd": {"tau": v}}}, mappings merged key by key."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            value = _nest_dotted(value)
+        nested = _nest(str(key), value) if "." in str(key) else {key: value}
+        out = _merge(out, nested, {}, "")
     return out
 
 
@@ -790,13 +961,7 @@ def _set(node: Any, parts: list[str], value: Any, prefix: str) -> Any:
     else:
         if dataclasses.is_dataclass(tp):
             raise ConfigError(full, "is a section: set its keys one by one")
-        try:
-            new = _coerce(value, tp)
-        except _Mismatch:
-            raise ConfigError(full, f"expected {_type_name(tp)}, got {value!r}") from None
-        rule = _RULES.get(full)
-        if rule is not None and not rule[0](new):
-            raise ConfigError(full, f"must be {rule[1]}, got {value!r}")
+        new = _typed_value(tp, value, full, None)
     return dataclasses.replace(node, **{name: new})
 
 

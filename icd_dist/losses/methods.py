@@ -14,7 +14,11 @@ A method owns its config section and its per-step state, so the training loop an
 - `param_groups(model, params, lr)`: the optimiser's parameter groups (DKD: the head and
   classifiers at ten times the backbone's lr);
 - `step0_identity(cfg)`: the method's settings that shape its step-0 model, for the shared
-  step 0's key ({} for the CE-trained step 0 of every method but DKD).
+  step 0's key ({} for the CE-trained step 0 of every method but DKD);
+- `check_config(cfg)`: the method's rules on a config (its segmentation losses, classifier);
+- `loss_keys`: the loss.* keys it reads (a sweep may search only those of loss.*);
+- `search_space(cfg)`: what `tune.space: method` searches, its weights and the incremental
+  learning rate (a decade either side of the config's), each a SearchDim.
 
 At step 0 every method but DKD trains with plain cross-entropy (there is no teacher), so
 step 0 does not depend on any distillation setting. At step t > 0:
@@ -46,7 +50,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from icd_dist.config import Config, ConfigError
+from icd_dist.config import Config, ConfigError, SearchDim
 from icd_dist.css.tasks import Task
 from icd_dist.losses import css, dkd
 from icd_dist.losses.icd import MSCA
@@ -54,6 +58,8 @@ from icd_dist.losses.icd_loss import ICDLoss
 from icd_dist.models.deeplab import DeepLabV3, SegOutput
 
 SEG_LOSSES = ("ce", "unbiased_ce", "pseudo_ce")
+# The loss keys pseudo_ce reads, whichever method trains with it.
+PSEUDO_LABEL_KEYS = ("loss.pod.thresholds", "loss.pod.bins", "loss.pod.entropy_floor")
 # Entries of a model's state dict that belong to a method, not to the network.
 METHOD_STATE_PREFIXES = ("msca.",)
 
@@ -88,8 +94,12 @@ class Method(nn.Module):
     default_mib_init: ClassVar[bool] = True
     classifier: ClassVar[str] = "standard"  # the model.classifier the method trains
 
+    # The loss.* keys (prefixes) the method reads besides loss.seg and pseudo_ce's.
+    method_loss_keys: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, cfg: Config, task: Task, step: int):
         super().__init__()
+        self.check_config(cfg)
         self.cfg = cfg
         self.step = step
         self.num_old = len(task.old_classes(step))
@@ -97,16 +107,41 @@ class Method(nn.Module):
         self.num_seen = task.num_seen(step)
         self.factor = css.adaptive_factor(self.num_seen, self.num_new) if step > 0 else 1.0
         seg = cfg.loss.seg if cfg.loss.seg != "auto" else self.default_seg
-        if step > 0 and seg not in self.allowed_seg:
-            raise ConfigError("loss.seg", f"method {self.name!r} trains with "
-                              f"{', '.join(self.allowed_seg)}; got {seg!r}")
         self.seg = seg if step > 0 else "ce"
         self.mib_init = cfg.model.mib_init if cfg.model.mib_init is not None \
             else self.default_mib_init
         self.thresholds: torch.Tensor | None = None
-        if cfg.model.classifier != self.classifier:
-            raise ConfigError("model.classifier", f"method {self.name!r} trains the "
-                              f"{self.classifier!r} classifier; got {cfg.model.classifier!r}")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """ConfigError naming the key where `cfg` breaks one of the method's rules: the
+        segmentation loss of its steps t > 0 and the classifier it trains."""
+        seg = cfg.loss.seg if cfg.loss.seg != "auto" else cls.default_seg
+        if seg not in cls.allowed_seg:
+            raise ConfigError("loss.seg", f"method {cls.name!r} trains with "
+                              f"{', '.join(cls.allowed_seg)}; got {seg!r}")
+        if cfg.model.classifier != cls.classifier:
+            raise ConfigError("model.classifier", f"method {cls.name!r} trains the "
+                              f"{cls.classifier!r} classifier; got {cfg.model.classifier!r}")
+
+    @classmethod
+    def loss_keys(cls) -> tuple[str, ...]:
+        """The loss.* keys the method reads (a key, or a prefix ending in "." for a
+        section)."""
+        seg = ("loss.seg", *PSEUDO_LABEL_KEYS) if "pseudo_ce" in cls.allowed_seg \
+            else ("loss.seg",)
+        return (*seg, *cls.method_loss_keys)
+
+    @classmethod
+    def search_space(cls, cfg: Config) -> tuple[SearchDim, ...]:
+        """What `tune.space: method` searches: the method's weights (search_weights) and
+        optim.lr_incremental log-uniform over a decade either side of cfg's."""
+        lr = cfg.optim.lr_incremental
+        return (*cls.search_weights, SearchDim("optim.lr_incremental", "loguniform",
+                                               (lr / 10, lr * 10)))
+
+    # The method's own weights and their default ranges (around its authors' values).
+    search_weights: ClassVar[tuple[SearchDim, ...]] = ()
 
     @property
     def needs_teacher(self) -> bool:
@@ -213,6 +248,11 @@ class Joint(Method):
                               f"steps)")
         super().__init__(cfg, task, step)
 
+    @classmethod
+    def search_space(cls, cfg: Config) -> tuple[SearchDim, ...]:
+        """Nothing: joint has no incremental step to tune."""
+        return ()
+
 
 def _unbiased_kd(method: Method, student: SegOutput, teacher: SegOutput) -> dict:
     lc = method.cfg.loss
@@ -227,6 +267,9 @@ class MiB(Method):
     """MiB (Cermelli et al., CVPR 2020): unbiased CE + lambda_kd * unbiased KD, MiB init."""
 
     default_seg = "unbiased_ce"
+    method_loss_keys = ("loss.lambda_kd", "loss.kd_alpha")
+    # MiB: lambda_kd 10 (100 for 15-1, its issue 22)
+    search_weights = (SearchDim("loss.lambda_kd", "loguniform", (1.0, 100.0)),)
 
     def distillation(self, student, teacher, labels):
         """lambda_kd * unbiased KD on the logits (averaged over all pixels)."""
@@ -239,6 +282,10 @@ class PLOP(Method):
     per image + Local POD on the five taps and the head-resolution logits."""
 
     default_seg = "pseudo_ce"
+    method_loss_keys = ("loss.pod.",)
+    # PLOP: 0.01 / 0.0005 on VOC, 0.001 / 0.00001 on ADE20K
+    search_weights = (SearchDim("loss.pod.lambda_pod", "loguniform", (1e-4, 1e-1)),
+                      SearchDim("loss.pod.lambda_pod_logits", "loguniform", (1e-6, 1e-2)))
 
     def distillation(self, student, teacher, labels):
         """s_t * PLOP's POD term (css.plop_pod)."""
@@ -256,6 +303,12 @@ class ICD(Method):
     """ICD: unbiased CE + unbiased KD + s_t * (internal + external distillation)."""
 
     default_seg = "unbiased_ce"
+    method_loss_keys = ("loss.lambda_kd", "loss.kd_alpha", "loss.icd.")
+    # ICD_METHOD.md: lambda_int 1, lambda_ext 10, tau 1, on MiB's lambda_kd 10
+    search_weights = (SearchDim("loss.icd.lambda_int", "loguniform", (0.01, 100.0)),
+                      SearchDim("loss.icd.lambda_ext", "loguniform", (0.1, 1000.0)),
+                      SearchDim("loss.lambda_kd", "loguniform", (1.0, 100.0)),
+                      SearchDim("loss.icd.tau", "choice", (0.5, 1.0, 2.0)))
 
     def __init__(self, cfg: Config, task: Task, step: int):
         super().__init__(cfg, task, step)
@@ -309,8 +362,22 @@ class DKD(Method):
     normalisation layers."""
 
     classifier = "dkd"
+    method_loss_keys = ("loss.dkd.",)
+    # DKD: kd, dkd_pos, dkd_neg 5 (VOC); pos_weight 1 (VOC), 35 (ADE20K). Its mbce and ac
+    # weights also shape its own step 0: not searched.
+    search_weights = (SearchDim("loss.dkd.kd", "loguniform", (0.5, 50.0)),
+                      SearchDim("loss.dkd.dkd_pos", "loguniform", (0.5, 50.0)),
+                      SearchDim("loss.dkd.dkd_neg", "loguniform", (0.5, 50.0)),
+                      SearchDim("loss.dkd.pos_weight", "loguniform", (0.5, 100.0)))
 
-    def __init__(self, cfg: Config, task: Task, step: int):
+    @classmethod
+    def loss_keys(cls) -> tuple[str, ...]:
+        """loss.dkd only: DKD trains with its own mBCE, not loss.seg."""
+        return cls.method_loss_keys
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Method's rules, and DKD's own segmentation loss and classifier init."""
         if cfg.loss.seg != "auto":
             raise ConfigError("loss.seg", f"method 'dkd' trains with its own mBCE (loss.dkd."
                               f"mbce); leave loss.seg at auto, got {cfg.loss.seg!r}")
@@ -318,6 +385,9 @@ class DKD(Method):
             raise ConfigError("model.mib_init", "method 'dkd' initialises new classifiers "
                               "from its auxiliary classifier (random when loss.dkd.ac is 0); "
                               f"leave model.mib_init at null, got {cfg.model.mib_init!r}")
+        super().check_config(cfg)
+
+    def __init__(self, cfg: Config, task: Task, step: int):
         if len(task.classes_at(0)) < 2:
             raise ConfigError("task", "DKD needs a class besides background at step 0")
         super().__init__(cfg, task, step)
@@ -384,11 +454,15 @@ class DKD(Method):
         return total, components
 
 
-def build_method(cfg: Config, task: Task, step: int) -> Method:
-    """The method `cfg.method.name` at `step` of `task` (its config checked)."""
+def method_class(cfg: Config) -> type[Method]:
+    """The Method class of `cfg.method.name`."""
     try:
-        cls = METHODS[cfg.method.name]
+        return METHODS[cfg.method.name]
     except KeyError:
         raise ConfigError("method.name", f"unknown method {cfg.method.name!r}; allowed: "
                           f"{', '.join(METHODS)}") from None
-    return cls(cfg, task, step)
+
+
+def build_method(cfg: Config, task: Task, step: int) -> Method:
+    """The method `cfg.method.name` at `step` of `task` (its config checked)."""
+    return method_class(cfg)(cfg, task, step)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from icd_dist.config import Config, config_to_dict, update
 from icd_dist.css.tasks import Task
-from icd_dist.losses.methods import METHODS
+from icd_dist.losses.methods import method_class
 from icd_dist.train.run_folder import RunFolder
 from icd_dist.train.schedule import run_schedule, step0_model_config
 from icd_dist.train.storage import Storage
@@ -41,7 +41,7 @@ _NUMERICS = ("engine", "num_workers", "micro_batch_size", "precision", "zero_sta
 def step0_identity(cfg: Config, task: Task, train_keys: Sequence[str]) -> dict:
     """What the step-0 model of `task` under `cfg` depends on, as plain data."""
     full = config_to_dict(cfg)
-    method = METHODS[cfg.method.name].step0_identity(cfg)
+    method = method_class(cfg).step0_identity(cfg)
     return {
         "dataset": task.dataset,
         "data": full["data"],

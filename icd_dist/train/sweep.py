@@ -34,25 +34,34 @@ from pathlib import Path
 from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from icd_dist.config import Config, ConfigError, config_to_dict, dump_config, update
+from icd_dist.config import (
+    Config,
+    ConfigError,
+    SearchDim,
+    check_search_dim,
+    config_to_dict,
+    dump_config,
+    update,
+)
 from icd_dist.css.tasks import task_from_config
 from icd_dist.data.inspect import manifest_spec, selected_keys
 from icd_dist.data.manifest import load_manifest
+from icd_dist.losses.methods import method_class
 from icd_dist.train.ray_session import describe_ray, init_ray
 from icd_dist.train.run_folder import RunFolder
 from icd_dist.train.schedule import Log, prepare_shards, run_schedule, use_gpu
 from icd_dist.train.step0_cache import Step0Cache, step0_identity, step0_key
 from icd_dist.train.storage import Storage
-from icd_dist.train.sweep_console import SweepConsole, fit_quietly, percent
+from icd_dist.train.sweep_console import (
+    SweepConsole,
+    fit_quietly,
+    format_params,
+    format_value,
+    param_labels,
+    percent,
+)
 from icd_dist.train.tracking import Tracker, wandb_mode
 
-# Searched name -> config key.
-PARAM_KEYS = {"lambda_int": "loss.icd.lambda_int", "lambda_ext": "loss.icd.lambda_ext",
-              "lambda_kd": "loss.lambda_kd", "tau": "loss.icd.tau", "stats": "loss.icd.stats",
-              "dkd_kd": "loss.dkd.kd", "dkd_pos": "loss.dkd.dkd_pos",
-              "dkd_neg": "loss.dkd.dkd_neg"}
-# DKD's weights of steps t > 0 (its mbce and ac weights also shape step 0: not searched).
-DKD_PARAMS = ("dkd_kd", "dkd_pos", "dkd_neg")
 METRIC_KEYS = {"all": "miou_all", "hiou": "hiou", "old": "miou_old"}
 SUMMARY_NAME = "tune_summary.json"
 
@@ -65,32 +74,73 @@ def sweep_name(cfg: Config) -> str:
     return f"sweep-{cfg.data.dataset}-{cfg.method.name}-{stamp}"
 
 
-def with_params(cfg: Config, params: Mapping[str, object]) -> Config:
-    """`cfg` with the searched parameters (PARAM_KEYS names) set."""
-    unknown = sorted(set(params) - set(PARAM_KEYS))
-    if unknown:
-        raise ValueError(f"unknown search parameter {unknown[0]!r}; "
-                         f"allowed: {', '.join(PARAM_KEYS)}")
-    return update(cfg, {PARAM_KEYS[k]: v for k, v in params.items()})
+def sweep_space(cfg: Config) -> tuple[SearchDim, ...]:
+    """The dimensions the sweep of `cfg` searches: tune.space, or (empty) the method's own
+    (Method.search_space), each checked against the config schema and the method: a loss.*
+    key the method does not read, or a value its rules refuse (e.g. a loss.seg it does not
+    train with), is a ConfigError naming the key, before anything starts."""
+    method = method_class(cfg)
+    dims = cfg.tune.space or tuple(check_search_dim(d, "tune.space (the method's)")
+                                   for d in method.search_space(cfg))
+    if not dims:
+        raise ConfigError("tune.space", f"searches nothing: method {cfg.method.name!r} "
+                          "declares no search space; give config keys, e.g. "
+                          "tune.space.optim.lr_incremental={loguniform: [0.0001, 0.01]}")
+    reads = method.loss_keys()
+    for dim in dims:
+        if dim.key.startswith("loss.") and not any(
+                dim.key == k or (k.endswith(".") and dim.key.startswith(k)) for k in reads):
+            raise ConfigError(f"tune.space.{dim.key}", f"method {cfg.method.name!r} does not "
+                              f"read it; the loss keys it reads: {', '.join(reads)}")
+        for value in dim.values:
+            try:
+                method.check_config(update(cfg, {dim.key: value}))
+            except ConfigError as exc:
+                raise ConfigError(f"tune.space.{dim.key}", f"{dim.distribution} value "
+                                  f"{value!r}: {exc}") from None
+    return dims
 
 
-def search_space(cfg: Config) -> dict:
-    """The Tune search space of the sampled parameters (schedule excluded)."""
+def _tune_option(value: object) -> object:
+    """A choice option as Tune holds it: lists (e.g. loss.icd.stats) as JSON text, since
+    Optuna's categorical options must be plain scalars."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(config_to_dict(value))
+
+
+def search_space(dims: Sequence[SearchDim]) -> dict:
+    """The Tune search space of `dims` (schedule excluded), one entry per config key;
+    randint/lograndint include their upper end."""
     from ray import tune
 
-    space = cfg.tune.space
-    out: dict = {}
-    for name in ("lambda_int", "lambda_ext", "lambda_kd", *DKD_PARAMS):
-        bounds = getattr(space, name)
-        if bounds is not None:
-            out[name] = tune.loguniform(*bounds) if bounds[0] < bounds[1] else bounds[0]
-    if space.tau is not None:
-        out["tau"] = tune.choice(list(space.tau))
-    if space.stats is not None:
-        out["stats"] = tune.choice([list(s) for s in space.stats])
-    if not out:
-        raise ConfigError("tune.space", "searches nothing: give at least one dimension")
-    return out
+    ranges = {"loguniform": tune.loguniform, "uniform": tune.uniform,
+              # Tune's integer ranges exclude their upper end
+              "randint": lambda low, high: tune.randint(low, high + 1),
+              "lograndint": lambda low, high: tune.lograndint(low, high + 1)}
+    return {dim.key: tune.choice([_tune_option(v) for v in dim.values])
+            if dim.distribution == "choice" else ranges[dim.distribution](*dim.values)
+            for dim in dims}
+
+
+def trial_params(dims: Sequence[SearchDim], config: Mapping[str, object]) -> dict:
+    """A trial's searched values by config key, from its Tune config (schedule dropped,
+    JSON-held options decoded)."""
+    decode = {dim.key: {_tune_option(v): v for v in dim.values} for dim in dims
+              if dim.distribution == "choice"}
+    params = {}
+    for key, value in config.items():
+        if key == "schedule":
+            continue
+        options = decode.get(key, {})
+        params[key] = config_to_dict(options[value]) if isinstance(value, str) and \
+            value in options else value
+    return params
+
+
+def with_params(cfg: Config, params: Mapping[str, object]) -> Config:
+    """`cfg` with the searched values (config key -> value) set by typed updates."""
+    return update(cfg, params)
 
 
 class PerScheduleASHA(FIFOScheduler):
@@ -159,8 +209,9 @@ def _score(metrics: Mapping, metric: str) -> float:
 
 
 def sweep_trial(config: dict, base: dict, sweep_root: str, cache_root: str,
-                step0_keys: Mapping[str, str], metric: str) -> None:
-    """One trial: the schedule config["schedule"] with the sampled weights, step 0 from the
+                step0_keys: Mapping[str, str], metric: str,
+                dims: Sequence[SearchDim]) -> None:
+    """One trial: the schedule config["schedule"] with the sampled values, step 0 from the
     cache, a report after every incremental step."""
     from ray import tune
 
@@ -168,7 +219,7 @@ def sweep_trial(config: dict, base: dict, sweep_root: str, cache_root: str,
 
     trial_id = tune.get_context().get_trial_id()
     schedule = config["schedule"]
-    params = {k: v for k, v in config.items() if k != "schedule"}
+    params = trial_params(dims, config)
     trials = Storage(sweep_root).child("trials")
     cfg = with_params(update(config_from_dict(base), {
         "task.name": schedule, "run.name": trial_id, "run.storage_path": trials.uri(),
@@ -311,18 +362,7 @@ def run_sweep(cfg: Config, log: Log | None = None,
     from ray import tune
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if cfg.method.name != "icd" and any(
-            getattr(cfg.tune.space, k) is not None for k in ("lambda_int", "lambda_ext", "tau",
-                                                              "stats")):
-        raise ConfigError("method.name", f"the sweep searches ICD weights; got method "
-                          f"{cfg.method.name!r} (use an icd config or null those dimensions)")
-    dkd_dims = [k for k in DKD_PARAMS if getattr(cfg.tune.space, k) is not None]
-    if dkd_dims and cfg.method.name != "dkd":
-        raise ConfigError("method.name", f"the sweep searches DKD weights ({', '.join(dkd_dims)}"
-                          f"); got method {cfg.method.name!r} (use a dkd config or null them)")
-    if cfg.method.name == "dkd" and cfg.tune.space.lambda_kd is not None:
-        raise ConfigError("tune.space.lambda_kd", "DKD has no MiB KD term (its weights are "
-                          "tune.space.dkd_kd, dkd_pos, dkd_neg); set it to null")
+    dims = sweep_space(cfg)
     name = sweep_name(cfg)
     storage = Storage(cfg.run.storage_path).child(name)
     storage.makedirs()
@@ -343,7 +383,6 @@ def run_sweep(cfg: Config, log: Log | None = None,
         keys[schedule] = step0_key(identity)
         identities[keys[schedule]] = (identity, sched_cfg)
         last_steps[schedule] = task.num_steps - 1
-    space = search_space(cfg)
     cache = Step0Cache(cfg.run.storage_path)
     started = init_ray(cfg)
     if started:
@@ -366,24 +405,28 @@ def run_sweep(cfg: Config, log: Log | None = None,
                                  # absolute: a trial runs in its own working directory, where
                                  # a relative storage_path would name another folder
                                  cache_root=Storage(cfg.run.storage_path).uri(),
-                                 step0_keys=keys, metric=cfg.tune.metric),
+                                 step0_keys=keys, metric=cfg.tune.metric, dims=dims),
             trial_resources(cfg, use_gpu(cfg)))
-        tuner, restored = _tuner(cfg, trainable, space, schedules, last_steps, storage, name,
-                                 points, concurrency, log)
+        tuner, restored = _tuner(
+            cfg, trainable, search_space(dims), schedules, last_steps, storage, name,
+            [{k: _tune_option(v) for k, v in p.items()} for p in points or ()], concurrency,
+            log)
         log(f"sweep {name}: {'resuming' if restored else 'starting'}; schedules "
             f"{', '.join(schedules)}; up to {concurrency} trials at once; results in "
             f"{storage.uri()}")
         log(f"trials' consoles in {storage.uri('trials')}/<trial>/run.log, their workers' "
             "output in Ray's logs; here one line per trial start, step and end")
         grid = fit_quietly(tuner)
-        summary = summarize(cfg, name, storage, grid, schedules, last_steps, keys, cache)
+        summary = summarize(cfg, dims, name, storage, grid, schedules, last_steps, keys,
+                            cache)
     finally:
         if started:
             ray.shutdown()
     return summary
 
 
-def _trial_rows(storage: Storage, grid, last_steps: Mapping[str, int], metric: str) -> list:
+def _trial_rows(storage: Storage, grid, dims: Sequence[SearchDim],
+                last_steps: Mapping[str, int], metric: str) -> list:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -391,8 +434,8 @@ def _trial_rows(storage: Storage, grid, last_steps: Mapping[str, int], metric: s
         # name ("sweep_trial_{id}_{index}_...", ids like "f38dc_00003").
         found = re.search(r"[0-9a-f]{5}_\d{5}", Path(result.path).name)
         trial_id = metrics.get("trial_id") or (found.group(0) if found else Path(result.path).name)
-        config = dict(result.config or {})
-        schedule = config.pop("schedule", None)
+        config = trial_params(dims, result.config or {})
+        schedule = (result.config or {}).get("schedule")
         trial = storage.child("trials").child(trial_id)
         run = RunFolder(trial)
         steps = []
@@ -421,10 +464,11 @@ def _param_key(params: Mapping) -> str:
     return json.dumps(params, sort_keys=True)
 
 
-def summarize(cfg: Config, name: str, storage: Storage, grid, schedules: Sequence[str],
-              last_steps: Mapping[str, int], keys: Mapping[str, str], cache: Step0Cache) -> dict:
+def summarize(cfg: Config, dims: Sequence[SearchDim], name: str, storage: Storage, grid,
+              schedules: Sequence[str], last_steps: Mapping[str, int], keys: Mapping[str, str],
+              cache: Step0Cache) -> dict:
     """tune_summary.json, the best YAMLs, the plot and the printed table of a finished sweep."""
-    rows = _trial_rows(storage, grid, last_steps, cfg.tune.metric)
+    rows = _trial_rows(storage, grid, dims, last_steps, cfg.tune.metric)
     best_per_schedule = {}
     for schedule in schedules:
         done = [r for r in rows if r["schedule"] == schedule and r["score"] is not None]
@@ -465,6 +509,7 @@ def summarize(cfg: Config, name: str, storage: Storage, grid, schedules: Sequenc
     summary = {
         "sweep": name, "dataset": cfg.data.dataset, "method": cfg.method.name,
         "metric": cfg.tune.metric, "search": cfg.tune.search, "scheduler": cfg.tune.scheduler,
+        "space": {d.key: {d.distribution: config_to_dict(d.values)} for d in dims},
         "schedules": {s: {"steps": last_steps[s] + 1, "step0_key": keys[s]} for s in schedules},
         "step0": {"keys": step0, "trainings_run": sum(v["trainings"] for v in step0.values()),
                   "reused": sum(v["reused_by_trials"] for v in step0.values())},
@@ -490,14 +535,18 @@ def format_sweep_table(summary: Mapping) -> str:
     """A console table of the trials (one line each: weights, status, last step reached, its
     old/new/hIoU and the score), a line on how to read it, and the best weights."""
     names = sorted({k for r in summary["trials"] for k in r["params"]})
-    head = f"{'trial':<14}{'schedule':>9}" + "".join(f"{n:>13}" for n in names) + \
+    labels = param_labels(names)
+    widths = {n: max(13, len(labels[n]) + 2) for n in names}
+    head = f"{'trial':<14}{'schedule':>9}" + "".join(f"{labels[n]:>{widths[n]}}"
+                                                      for n in names) + \
         f"{'status':>10}{'step':>6}{'old':>8}{'new':>8}{'hIoU':>8}{'score':>8}"
     lines = [head, "-" * len(head)]
     for r in summary["trials"]:
         cells = ""
         for n in names:
             v = r["params"].get(n)
-            cells += f"{v:>13.4g}" if isinstance(v, float) else f"{str(v):>13}"
+            cells += f"{v:>{widths[n]}.4g}" if isinstance(v, float) else \
+                f"{format_value(v):>{widths[n]}}"
         last = r["steps"][-1] if r["steps"] else {}
         quality = "".join(f"{percent(last.get(k)):>8}" for k in ("miou_old", "miou_new", "hiou"))
         lines.append(f"{r['trial_id'][-14:]:<14}{r['schedule']:>9}{cells}{r['status']:>10}"
@@ -512,9 +561,10 @@ def format_sweep_table(summary: Mapping) -> str:
     lines.append(f"step 0: {len(s0['keys'])} key(s), {s0['trainings_run']} training(s), "
                  f"reused by {s0['reused']} trial(s)")
     for schedule, best in summary["best_per_schedule"].items():
-        lines.append(f"best on {schedule}: {100 * best['score']:.2f} with {best['params']}")
+        lines.append(f"best on {schedule}: {100 * best['score']:.2f} with "
+                     f"{format_params(best['params'])}")
     if summary["best_overall"]:
-        lines.append(f"best overall: {summary['best_overall']['params']} "
+        lines.append(f"best overall: {format_params(summary['best_overall']['params'])} "
                      f"-> {summary['best_configs'].get('overall')}")
     return "\n".join(lines)
 
@@ -531,6 +581,7 @@ def write_sweep_plot(rows: Sequence[Mapping], metric: str, path: Path) -> Path |
                     if isinstance(v, (int, float))})
     if not done or not names:
         return None
+    labels = param_labels(names)
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
     for ax, n in zip(axes[0], names, strict=True):
         for schedule in sorted({r["schedule"] for r in done}):
@@ -539,7 +590,7 @@ def write_sweep_plot(rows: Sequence[Mapping], metric: str, path: Path) -> Path |
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=schedule)
         if all(r["params"].get(n, 1) > 0 for r in done):
             ax.set_xscale("log")
-        ax.set_xlabel(n)
+        ax.set_xlabel(labels[n])
         ax.set_ylabel(f"final {metric} mIoU (%)" if metric != "hiou" else "final hIoU (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from ray.tune import Callback
 
@@ -42,10 +42,27 @@ def percent(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
+def param_labels(keys: Iterable[str]) -> dict[str, str]:
+    """Short labels of searched config keys: the last part ("loss.icd.lambda_int" ->
+    "lambda_int"), or the whole key where two keys share their last part."""
+    keys = list(keys)
+    tails = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: t if tails.count(t) == 1 else k for k, t in zip(keys, tails, strict=True)}
+
+
+def format_value(v: object) -> str:
+    """A searched value: floats to 4 significant digits, lists as a,b,c."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(format_value, v))
+    return str(v)
+
+
 def format_params(params: Mapping[str, object]) -> str:
-    """The searched weights, "name=value" by name, floats to 4 significant digits."""
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in sorted(params.items()))
+    """The searched values, "label=value" by config key (param_labels, format_value)."""
+    labels = param_labels(params)
+    return ", ".join(f"{labels[k]}={format_value(v)}" for k, v in sorted(params.items()))
 
 
 def format_step_line(trial_id: str, schedule: str, step: int, last_step: int | None,

@@ -1,5 +1,6 @@
-"""`python -m icd_dist.tune` on local Ray (CPU): a 4-trial sweep over 2 schedules sharing one
-step 0, killed mid-way and resumed; and ASHA stopping a planted bad trial."""
+"""`python -m icd_dist.tune` on local Ray (CPU): a 4-trial PLOP sweep over its POD weight and
+the incremental lr, on 2 schedules sharing one step 0, killed mid-way and resumed; and an ICD
+sweep over loss.seg where ASHA stops a planted bad trial."""
 
 import json
 import os
@@ -31,7 +32,7 @@ SWEEP = [
 
 
 def tune_cmd(tmp_path, *overrides):
-    return [sys.executable, "-m", "icd_dist.tune", "--config", "configs/tune/demo.yaml",
+    return [sys.executable, "-m", "icd_dist.tune", "--config", "configs/tune/demo_plop.yaml",
             f"data.train_shards={tmp_path}/data/train", f"data.eval_shards={tmp_path}/data/val",
             f"run.storage_path={tmp_path}/runs", *overrides]
 
@@ -53,7 +54,7 @@ def terminated_trials(sweep: Path) -> set[str]:
 
 def test_sweep_shares_step0_survives_driver_kill_and_writes_runnable_best(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
-    sweep = tmp_path / "runs" / "tune-demo"
+    sweep = tmp_path / "runs" / "tune-demo-plop"
     # Kill the driver once at least one trial is recorded finished and the sweep is not.
     run_until_then_kill(tune_cmd(tmp_path, *SWEEP), ROOT, env, tmp_path / "first.log",
                         lambda: bool(terminated_trials(sweep)))
@@ -81,9 +82,18 @@ def test_sweep_shares_step0_survives_driver_kill_and_writes_runnable_best(tmp_pa
     assert len(trials) == 4
     assert sorted(t["schedule"] for t in trials) == ["2-1", "2-1", "2-2", "2-2"]
     assert all(t["status"] in ("finished", "stopped") for t in trials), trials
-    # Random search: each sampled weight set ran on both schedules.
+    # Random search: each sampled weight set ran on both schedules, and each trial trained
+    # with its values, drawn from the space of configs/tune/demo_plop.yaml.
     weights = {json.dumps(t["params"], sort_keys=True) for t in trials}
     assert len(weights) == 2
+    assert summary["space"] == {"loss.pod.lambda_pod": {"loguniform": [0.001, 0.1]},
+                                "optim.lr_incremental": {"loguniform": [0.005, 0.05]}}
+    for t in trials:
+        pod, lr = t["params"]["loss.pod.lambda_pod"], t["params"]["optim.lr_incremental"]
+        assert 0.001 <= pod <= 0.1 and 0.005 <= lr <= 0.05, t["params"]
+        ran = yaml.safe_load((sweep / "trials" / t["trial_id"] / "config.yaml").read_text())
+        assert ran["method"]["name"] == "plop"
+        assert (ran["loss"]["pod"]["lambda_pod"], ran["optim"]["lr_incremental"]) == (pod, lr)
     # 2-1 and 2-2 share step 0: one key, trained once, copied by every trial.
     step0 = summary["step0"]
     assert len(step0["keys"]) == 1 and step0["trainings_run"] == 1
@@ -99,7 +109,9 @@ def test_sweep_shares_step0_survives_driver_kill_and_writes_runnable_best(tmp_pa
     assert (sweep / "weights_vs_metric.png").stat().st_size > 0
     assert len(list((sweep / "wandb" / "wandb").glob("offline-run-*"))) >= 4
     best = yaml.safe_load((sweep / "best.yaml").read_text())
-    assert best["loss"]["icd"]["lambda_int"] == summary["best_overall"]["params"]["lambda_int"]
+    chosen = summary["best_overall"]["params"]
+    assert best["loss"]["pod"]["lambda_pod"] == chosen["loss.pod.lambda_pod"]
+    assert best["optim"]["lr_incremental"] == chosen["optim.lr_incremental"]
 
     # best.yaml runs as it is, from the sweep's shared step 0 (what a user does next)
     from icd_dist.train.step0_cache import Step0Cache
@@ -115,14 +127,15 @@ def test_sweep_shares_step0_survives_driver_kill_and_writes_runnable_best(tmp_pa
     assert result["final_miou_all"] is not None
 
 
-def test_asha_stops_a_planted_bad_trial_before_its_last_step(tmp_path, monkeypatch):
-    """Two weight sets run one after the other on a 3-step schedule; the second has a
-    distillation weight so huge that its loss overflows and its weights turn to NaN (DDP:
-    DeepSpeed would skip the overflowing steps). At step 1 it is far below the sane trial
-    (ASHA's cutoff at a rung holding one result is that result), so ASHA stops it there
-    (the small data, step 0 at 15 epochs: the sane trial's step 1 scored 30 mIoU, the bad
-    one 20). The paths are relative, as in the demo config: each trial runs in its own
-    working directory and must still find the shared step 0."""
+def test_asha_stops_a_planted_bad_trial_of_an_icd_sweep_over_loss_seg(tmp_path, monkeypatch):
+    """An ICD sweep whose space holds a choice, loss.seg (MiB's unbiased CE or PLOP's
+    pseudo-labels), and lambda_int. Two points run one after the other on a 3-step schedule:
+    a sane one with pseudo-labels, and one with unbiased CE and a distillation weight so huge
+    that its loss overflows and its weights turn to NaN (DDP: DeepSpeed would skip the
+    overflowing steps). At step 1 it is far below the sane trial (ASHA's cutoff at a rung
+    holding one result is that result), so ASHA stops it there. The paths are relative, as
+    in the demo config: each trial runs in its own working directory and must still find
+    the shared step 0."""
     from icd_dist.config import load_config
     from icd_dist.train.sweep import run_sweep
 
@@ -132,6 +145,7 @@ def test_asha_stops_a_planted_bad_trial_before_its_last_step(tmp_path, monkeypat
         "run.storage_path=runs", "tune.schedules=[2-1]", "tune.max_concurrent=1",
         "tune.num_samples=2", "optim.epochs=15", "optim.epochs_incremental=3",
         "engine.engine=ddp", "logging.wandb=disabled", *SMALL,
+        "tune.space.loss.seg={choice: [unbiased_ce, pseudo_ce]}",
         # each trial a TorchTrainer inside its Tune trial (the demo's trials train in-process)
         "engine.launcher=ray"])
     import ray
@@ -139,17 +153,25 @@ def test_asha_stops_a_planted_bad_trial_before_its_last_step(tmp_path, monkeypat
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        summary = run_sweep(cfg, points=[{"lambda_int": 1.0, "lambda_ext": 10.0},
-                                         {"lambda_int": 1e300, "lambda_ext": 10.0}])
+        summary = run_sweep(cfg, points=[
+            {"loss.icd.lambda_int": 1.0, "loss.icd.lambda_ext": 10.0, "loss.seg": "pseudo_ce"},
+            {"loss.icd.lambda_int": 1e300, "loss.icd.lambda_ext": 10.0,
+             "loss.seg": "unbiased_ce"}])
     finally:
         ray.shutdown()
-    by_weight = {t["params"]["lambda_int"]: t for t in summary["trials"]}
+    by_weight = {t["params"]["loss.icd.lambda_int"]: t for t in summary["trials"]}
     assert set(by_weight) == {1.0, 1e300}
     bad, good = by_weight[1e300], by_weight[1.0]
     assert bad["status"] == "stopped" and bad["last_step"] == 1, bad
     assert good["status"] == "finished" and good["last_step"] == 2, good
     assert good["steps"][1]["miou_all"] > bad["steps"][1]["miou_all"]
-    assert summary["best_per_schedule"]["2-1"]["params"]["lambda_int"] == 1.0
+    assert summary["best_per_schedule"]["2-1"]["params"] == {
+        "loss.icd.lambda_int": 1.0, "loss.icd.lambda_ext": 10.0, "loss.seg": "pseudo_ce"}
+    # each trial trained with its loss.seg: the sane one on PLOP's pseudo-labels
+    for trial, seg in ((good, "pseudo_ce"), (bad, "unbiased_ce")):
+        ran = yaml.safe_load((tmp_path / "runs" / "tune-demo" / "trials" / trial["trial_id"] /
+                              "config.yaml").read_text())
+        assert (ran["method"]["name"], ran["loss"]["seg"]) == ("icd", seg)
 
 
 def test_sweep_console_has_trial_lines_only_and_a_resumed_sweep_keeps_it(tmp_path, capfd,
@@ -177,7 +199,7 @@ def test_sweep_console_has_trial_lines_only_and_a_resumed_sweep_keeps_it(tmp_pat
 def check_console(cfg, tmp_path, capfd):
     """Two trials of two reported steps through the sweep's Tuner, then its restore."""
     from icd_dist.train.storage import Storage
-    from icd_dist.train.sweep import _tuner, search_space
+    from icd_dist.train.sweep import _tuner, search_space, sweep_space
     from icd_dist.train.sweep_console import fit_quietly
 
     def report_two_steps(config):  # a trial that only reports, as sweep_trial does
@@ -188,10 +210,11 @@ def check_console(cfg, tmp_path, capfd):
                          "miou_all": 0.5, "miou_old": 0.6, "miou_new": 0.4 * step,
                          "hiou": 0.48})
 
+    space = search_space(sweep_space(cfg))
     capfd.readouterr()
     storage = Storage(str(tmp_path / "runs")).child("console")
     lines: list[str] = []
-    tuner, restored = _tuner(cfg, report_two_steps, search_space(cfg), ["2-1"], {"2-1": 2},
+    tuner, restored = _tuner(cfg, report_two_steps, space, ["2-1"], {"2-1": 2},
                              storage, "console", None, 1, lines.append)
     assert not restored
     fit_quietly(tuner)
@@ -206,7 +229,7 @@ def check_console(cfg, tmp_path, capfd):
                             r"hIoU 48.00|: finished)", ln), ln
 
     again: list[str] = []
-    tuner, restored = _tuner(cfg, report_two_steps, search_space(cfg), ["2-1"], {"2-1": 2},
+    tuner, restored = _tuner(cfg, report_two_steps, space, ["2-1"], {"2-1": 2},
                              storage, "console", None, 1, again.append)
     assert restored
     run_config = tuner._local_tuner.get_run_config()

@@ -557,8 +557,7 @@ def test_step0_key_separates_dkds_step0_and_keeps_the_ce_ones():
     from icd_dist.train.step0_cache import step0_identity
 
     demo = load_config("configs/tune/demo.yaml")
-    dkd_cfg = replace(demo, ["method.name=dkd", "model.classifier=dkd", "loss.lambda_kd=0",
-                             "tune.space.lambda_int=null", "tune.space.lambda_ext=null"])
+    dkd_cfg = replace(demo, ["method.name=dkd", "model.classifier=dkd", "loss.lambda_kd=0"])
     assert _key(dkd_cfg) != _key(demo)
     assert _key(dkd_cfg) != _key(replace(demo, ["method.name=dkd"]))  # the classifier alone
     # the CE step 0's identity is what it was before model.classifier existed
@@ -643,17 +642,24 @@ def test_shipped_configs_carry_dkds_recipe():
 def test_sweep_searches_dkds_weights():
     from ray.tune.search.sample import Float
 
-    from icd_dist.train.sweep import run_sweep, search_space, with_params
+    from icd_dist.train.sweep import search_space, sweep_space, with_params
 
     cfg = load_config("configs/tune/camvid_dkd.yaml")
-    space = search_space(cfg)
-    assert set(space) == {"dkd_kd", "dkd_pos", "dkd_neg"}
-    assert isinstance(space["dkd_pos"], Float) and space["dkd_pos"].upper == 50.0
-    tuned = with_params(cfg, {"dkd_kd": 2.0, "dkd_pos": 3.0, "dkd_neg": 4.0})
+    space = search_space(sweep_space(cfg))
+    assert set(space) == {"loss.dkd.kd", "loss.dkd.dkd_pos", "loss.dkd.dkd_neg",
+                          "loss.dkd.pos_weight", "optim.lr_incremental"}
+    assert isinstance(space["loss.dkd.dkd_pos"], Float)
+    assert space["loss.dkd.dkd_pos"].upper == 50.0
+    # a decade either side of the camvid DKD config's incremental lr
+    assert (space["optim.lr_incremental"].lower, space["optim.lr_incremental"].upper) == \
+        pytest.approx((cfg.optim.lr_incremental / 10, cfg.optim.lr_incremental * 10))
+    tuned = with_params(cfg, {"loss.dkd.kd": 2.0, "loss.dkd.dkd_pos": 3.0,
+                              "loss.dkd.dkd_neg": 4.0})
     assert (tuned.loss.dkd.kd, tuned.loss.dkd.dkd_pos, tuned.loss.dkd.dkd_neg) == (2.0, 3.0, 4.0)
     # refused before anything starts: DKD weights for another method, MiB's for DKD
-    icd = load_config("configs/tune/camvid_icd.yaml", ["tune.space.dkd_kd=[1, 2]"])
-    with pytest.raises(ConfigError, match="DKD weights"):
-        run_sweep(icd)
-    with pytest.raises(ConfigError, match="tune.space.lambda_kd"):
-        run_sweep(replace(cfg, ["tune.space.lambda_kd=[1, 2]"]))
+    icd = load_config("configs/tune/camvid_icd.yaml",
+                      ["tune.space.loss.dkd.kd={loguniform: [1, 2]}"])
+    with pytest.raises(ConfigError, match="tune.space.loss.dkd.kd: method 'icd' does not read"):
+        sweep_space(icd)
+    with pytest.raises(ConfigError, match="tune.space.loss.lambda_kd: method 'dkd' does not"):
+        sweep_space(replace(cfg, ["tune.space.loss.lambda_kd={loguniform: [1, 2]}"]))

@@ -7,7 +7,7 @@ from icd_dist.config import ConfigError, load_config, replace
 from icd_dist.css import get_task
 from icd_dist.css.classes import generic_spec
 from icd_dist.train.step0_cache import step0_identity, step0_key
-from icd_dist.train.sweep import PerScheduleASHA, search_space, with_params
+from icd_dist.train.sweep import PerScheduleASHA
 
 SPEC = generic_spec("synthetic", 5)
 KEYS = [f"s{i}" for i in range(10)]
@@ -56,27 +56,6 @@ def test_step0_key_changes_with_the_step0_training_code(monkeypatch):
     before = key_of(cfg, "2-1")
     monkeypatch.setattr(cache, "STEP0_PROTOCOL", cache.STEP0_PROTOCOL + 1)
     assert key_of(cfg, "2-1") != before
-
-
-def test_search_space_and_params():
-    from ray.tune.search.sample import Categorical, Float
-
-    cfg = load_config("configs/tune/demo.yaml", ["tune.space.tau=[0.5,1.0]",
-                                                  "tune.space.stats=[[mean],[std,max]]"])
-    space = search_space(cfg)
-    assert set(space) == {"lambda_int", "lambda_ext", "tau", "stats"}
-    assert isinstance(space["lambda_int"], Float) and isinstance(space["tau"], Categorical)
-    assert (space["lambda_ext"].lower, space["lambda_ext"].upper) == (1.0, 100.0)
-    tuned = with_params(cfg, {"lambda_int": 0.3, "lambda_ext": 40.0, "tau": 0.5,
-                              "stats": ["std", "max"]})
-    assert tuned.loss.icd.lambda_int == 0.3 and tuned.loss.icd.lambda_ext == 40.0
-    assert tuned.loss.icd.tau == 0.5 and tuned.loss.icd.stats == ("std", "max")
-    with pytest.raises(ValueError, match="unknown search parameter 'gamma'"):
-        with_params(cfg, {"gamma": 1})
-    empty = load_config("configs/tune/demo.yaml", ["tune.space.lambda_int=null",
-                                                   "tune.space.lambda_ext=null"])
-    with pytest.raises(ConfigError, match="searches nothing"):
-        search_space(empty)
 
 
 class FakeTrial:
