@@ -8,17 +8,22 @@ merge key by key; any other value (lists included) replaces what was there.
     cfg = load_config("configs/voc/15-1_icd.yaml", ["optim.lr=0.02", "task.setting=disjoint"])
 
 Every error is a ConfigError whose message starts with the dotted key and says what is
-allowed; where the key came from a file or an override, that source is named too.
+allowed; where the key came from a file or an override, that source is named too. A field's
+type says what it takes, and a value rule beyond the type sits on the field itself
+(`positive`, `non_negative`, `ruled`).
+
+In code, a config changes one way, by typed values (no text parsed back):
+
+    cfg = update(cfg, {"run.name": "93760_00000", "loss.icd.stats": ("std", "max")})
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,8 +49,27 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------
-# Schema
+# Schema: each field's type and default, and its value rule where the type is not enough
 # --------------------------------------------------------------------------------------
+
+RULE = "rule"  # a field's metadata key: (predicate, what is allowed)
+
+
+def ruled(default: Any, check: Callable[[Any], bool], allowed: str) -> Any:
+    """A schema field with `default` whose values must pass `check`; `allowed` says what is
+    allowed, in the error a value that fails it gets."""
+    return field(default=default, metadata={RULE: (check, allowed)})
+
+
+def positive(default: Any, allowed: str) -> Any:
+    """A field whose value, unless null, must be > 0."""
+    return ruled(default, lambda v: v is None or v > 0, allowed)
+
+
+def non_negative(default: Any, allowed: str) -> Any:
+    """A field whose value, unless null, must be >= 0."""
+    return ruled(default, lambda v: v is None or v >= 0, allowed)
+
 
 
 @dataclass(frozen=True)
@@ -67,34 +91,39 @@ class SyntheticDataConfig:
     """The synthetic dataset that `data.dataset=synthetic` builds on first use (if its shard
     folders do not exist yet)."""
 
-    num_train: int = 96
-    num_eval: int = 32
-    classes: int = 5
-    height: int = 64
-    width: int = 80
+    num_train: int = positive(96, "a positive integer")
+    num_eval: int = positive(32, "a positive integer")
+    classes: int = ruled(5, lambda v: 2 <= v <= 255, "an integer in 2..255")
+    height: int = positive(64, "a positive integer")
+    width: int = positive(80, "a positive integer")
     seed: int = 0
+
+
+# The named datasets (their classes: css/classes.py; raw readers: data/readers.py); a config
+# may also name the synthetic one.
+DATASETS = ("voc", "ade20k", "camvid")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the shards are and how samples are read and augmented."""
 
-    dataset: Literal["voc", "ade20k", "camvid", "synthetic"] = "voc"
+    dataset: Literal[(*DATASETS, "synthetic")] = "voc"
     train_shards: str | None = None
     eval_shards: str | None = None
     # auto = DALI on GPU workers, the faster CPU pipeline on CPU workers.
     pipeline: Literal["auto", "dali", "torch"] = "auto"
-    crop_size: int = 512
-    scale_min: float = 0.5
-    scale_max: float = 2.0
+    crop_size: int = positive(512, "a positive integer")
+    scale_min: float = positive(0.5, "a positive number")
+    scale_max: float = positive(2.0, "a positive number")
     hflip: bool = True
     # inside = MiB/PLOP's RandomResizedCrop (10 draws inside the image, then their central
     # fallback); padded = the previous behaviour, a box larger than the image is padded
     # (image 0, mask 255).
     crop_mode: Literal["inside", "padded"] = "inside"
     # Evaluation: resize the shorter side to eval_size, then centre crop eval_size.
-    eval_size: int = 512
-    loader_workers: int = 2
+    eval_size: int = positive(512, "a positive integer")
+    loader_workers: int = non_negative(2, "an integer >= 0")
     # fail = stop at the first bad sample; skip = skip it, name it, count it.
     bad_samples: Literal["fail", "skip"] = "fail"
     # Before Ray starts, the run's shards are checked against the manifest: sizes, and sha256
@@ -118,7 +147,9 @@ class TaskConfig:
 
     name: str = "15-1"
     # Explicit steps, e.g. [[0, 1, 2], [3], [4]]; when given, `name` only labels the run.
-    steps: tuple[tuple[int, ...], ...] | None = None
+    steps: tuple[tuple[int, ...], ...] | None = ruled(
+        None, lambda v: v is None or (len(v) > 0 and all(len(s) > 0 for s in v)),
+        "a non-empty list of non-empty class-id lists")
     setting: Literal["overlap", "disjoint"] = "overlap"
 
 
@@ -128,7 +159,7 @@ class ModelConfig:
 
     backbone: Literal["resnet101", "resnet50", "resnet18", "mobilenet_v3_large"] = "resnet101"
     output_stride: Literal[8, 16] = 16
-    head_channels: int = 256
+    head_channels: int = positive(256, "a positive integer")
     norm: Literal["batchnorm", "groupnorm"] = "batchnorm"
     # Backbone taps: the stages' outputs, or their last blocks' outputs before the final
     # activation (PLOP's network; the PLOP configs use it). The network computes the same
@@ -162,14 +193,18 @@ class MethodConfig:
 class ICDLossConfig:
     """ICD internal/external distillation (ICD_METHOD.md); every reconstructed choice is here."""
 
-    lambda_int: float = 1.0
-    lambda_ext: float = 10.0
+    lambda_int: float = non_negative(1.0, "a number >= 0")
+    lambda_ext: float = non_negative(10.0, "a number >= 0")
     stats: tuple[
         Literal["mean", "std", "max", "spatial_mean", "spatial_std"], ...
-    ] = ("mean", "std", "max", "spatial_mean", "spatial_std")
-    tau: float = 1.0
+    ] = ruled(("mean", "std", "max", "spatial_mean", "spatial_std"),
+              lambda v: len(v) > 0 and len(set(v)) == len(v),
+              "a non-empty list of distinct statistics")
+    tau: float = positive(1.0, "a positive number")
     msca: Literal["fixed", "learned"] = "fixed"
-    msca_kernels: tuple[int, ...] = (7, 11, 21)
+    msca_kernels: tuple[int, ...] = ruled(
+        (7, 11, 21), lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
+        "a non-empty list of odd positive kernel sizes")
     # PLOP's adaptive factor sqrt(|C_0:t| / |C_t|) on the ICD terms.
     adaptive_factor: bool = True
     # Implementation of the losses: auto = the fused Triton kernels on CUDA, the compiled
@@ -184,10 +219,11 @@ class PODLossConfig:
     ADE20K: lambda_pod 0.001, lambda_pod_logits 0.00001)."""
 
     # Factor of each feature level's POD distance.
-    lambda_pod: float = 0.01
+    lambda_pod: float = non_negative(0.01, "a number >= 0")
     # Factor of the logits level (replaces lambda_pod there; PLOP's switch.after.factor).
-    lambda_pod_logits: float = 0.0005
-    scales: tuple[int, ...] = (1, 2, 4)
+    lambda_pod_logits: float = non_negative(0.0005, "a number >= 0")
+    scales: tuple[int, ...] = ruled((1, 2, 4), lambda v: len(v) > 0 and all(s > 0 for s in v),
+                                    "a non-empty list of positive integers")
     # plop: PLOP's square regions of side W // scale (a remainder dropped); split: near-equal
     # parts covering every pixel.
     regions: Literal["plop", "split"] = "plop"
@@ -197,8 +233,8 @@ class PODLossConfig:
     # `bins` bins (its approximation as written); median = the exact histogram median of the
     # normalised entropy. Never below entropy_floor.
     thresholds: Literal["plop", "median"] = "plop"
-    bins: int = 100
-    entropy_floor: float = 0.001
+    bins: int = positive(100, "a positive integer")
+    entropy_floor: float = non_negative(0.001, "a number >= 0")
 
 
 @dataclass(frozen=True)
@@ -207,18 +243,18 @@ class DKDLossConfig:
     weights of its terms, pos_weight of the mBCE, and its recipe's optimiser and norm-layer
     settings (VOC values; the ADE20K configs set pos_weight 35). Step 0 trains mbce and ac."""
 
-    mbce: float = 1.0
-    kd: float = 5.0
-    dkd_pos: float = 5.0
-    dkd_neg: float = 5.0
-    ac: float = 1.0
+    mbce: float = non_negative(1.0, "a number >= 0")
+    kd: float = non_negative(5.0, "a number >= 0")
+    dkd_pos: float = non_negative(5.0, "a number >= 0")
+    dkd_neg: float = non_negative(5.0, "a number >= 0")
+    ac: float = non_negative(1.0, "a number >= 0")
     # pos_weight of the mBCE at step 0 (VOC scripts: INIT_POSWEIGHT=2) and at later steps
     # (config_voc.json: 1; config_ade.json: 35 at every step).
-    pos_weight_step0: float = 2.0
-    pos_weight: float = 1.0
+    pos_weight_step0: float = positive(2.0, "a positive number")
+    pos_weight: float = positive(1.0, "a positive number")
     # Learning-rate factor of the head (ASPP) and the classifiers over the backbone's
     # (train_voc.py: lr * 10).
-    head_lr_factor: float = 10.0
+    head_lr_factor: float = positive(10.0, "a positive number")
     # Steps t > 0: normalisation layers frozen (statistics and affine weights) and dropout
     # off (--freeze_bn in every incremental step of its scripts).
     freeze_bn: bool = True
@@ -231,8 +267,8 @@ class LossConfig:
     # auto = the method's own choice (ft/joint: ce; mib/icd: unbiased_ce; plop: pseudo_ce).
     seg: Literal["auto", "ce", "unbiased_ce", "pseudo_ce"] = "auto"
     # MiB unbiased knowledge distillation on logits; 0 turns it off.
-    lambda_kd: float = 10.0
-    kd_alpha: float = 1.0
+    lambda_kd: float = non_negative(10.0, "a number >= 0")
+    kd_alpha: float = positive(1.0, "a positive number")
     icd: ICDLossConfig = field(default_factory=ICDLossConfig)
     pod: PODLossConfig = field(default_factory=PODLossConfig)
     dkd: DKDLossConfig = field(default_factory=DKDLossConfig)
@@ -243,20 +279,21 @@ class OptimConfig:
     """Optimisation; lr/epochs apply to step 0, the *_incremental ones to later steps."""
 
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.01
-    lr_incremental: float = 0.001
-    momentum: float = 0.9
+    lr: float = positive(0.01, "a positive number")
+    lr_incremental: float = positive(0.001, "a positive number")
+    momentum: float = ruled(0.9, lambda v: 0 <= v < 1, "a number in [0, 1)")
     nesterov: bool = True
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
+    weight_decay: float = non_negative(1e-4, "a number >= 0")
+    poly_power: float = non_negative(0.9, "a number >= 0")
     # Global batch: gradient accumulation keeps it whatever the number of workers.
-    batch_size: int = 24
-    epochs: int = 30
-    epochs_incremental: int | None = None  # None = same as epochs
+    batch_size: int = positive(24, "a positive integer")
+    epochs: int = positive(30, "a positive integer")
+    # None = same as epochs
+    epochs_incremental: int | None = positive(None, "a positive integer or null")
     # When set, a fixed number of iterations replaces the epoch budget of step 0
     # (iterations) or of the later steps (iterations_incremental).
-    iterations: int | None = None
-    iterations_incremental: int | None = None
+    iterations: int | None = positive(None, "a positive integer or null")
+    iterations_incremental: int | None = positive(None, "a positive integer or null")
 
 
 @dataclass(frozen=True)
@@ -268,13 +305,15 @@ class EngineConfig:
     # schedule in the driver's process, one worker, no Ray (pdb works; tests of a method's
     # behaviour need no cluster), the same results as one Ray worker on the same seed.
     launcher: Literal["ray", "local"] = "ray"
-    num_workers: int = 2
+    num_workers: int = positive(2, "a positive integer")
     # Per-worker batch; None = optim.batch_size / num_workers. Gradient accumulation makes up
     # the rest, so the global batch is optim.batch_size whatever the number of workers.
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = positive(None, "a positive integer or null")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = positive(1.0, "a positive number")
+    gpus_per_worker: float = ruled(1.0, lambda v: 0 < v <= 1,
+                                   "a number in (0, 1]: a worker trains on one GPU (or a share "
+                                   "of one); use engine.num_workers for more GPUs")
     zero_stage: Literal[0, 1, 2] = 1  # DeepSpeed only; ddp ignores it
     # auto = bf16 on GPUs that support it, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -286,9 +325,9 @@ class EngineConfig:
     # with tensor cores; tools/gpu_check.py measures it).
     channels_last: bool = False
     # Ray Train FailureConfig: how many worker-group failures a step survives.
-    max_failures: int = 0
+    max_failures: int = ruled(0, lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)")
     # Data-loading threads/processes per worker (DALI threads; torch uses data.loader_workers).
-    dali_threads: int = 2
+    dali_threads: int = positive(2, "a positive integer")
 
 
 @dataclass(frozen=True)
@@ -296,8 +335,8 @@ class EvalConfig:
     """Evaluation during and after each step."""
 
     # 0 = only at the end of each step.
-    every_n_epochs: int = 0
-    batch_size: int = 8
+    every_n_epochs: int = non_negative(0, "an integer >= 0")
+    batch_size: int = positive(8, "a positive integer")
 
 
 @dataclass(frozen=True)
@@ -308,8 +347,8 @@ class LoggingConfig:
     wandb: Literal["offline", "online", "disabled"] | None = None
     project: str = "icd_dist"
     entity: str | None = None
-    log_every: int = 10
-    num_overlays: int = 4
+    log_every: int = positive(10, "a positive integer")
+    num_overlays: int = non_negative(4, "an integer >= 0")
     # W&B group of the step runs; None = the run name (a sweep sets its own name).
     group: str | None = None
 
@@ -342,31 +381,33 @@ class TuneConfig:
     # Config key -> distribution, e.g. {loss.pod.lambda_pod: {loguniform: [0.001, 0.1]},
     # loss.seg: {choice: [unbiased_ce, pseudo_ce]}}; a key set to null is not searched;
     # "method" (or nothing) = the method's own space (its weights and optim.lr_incremental,
-    # declared next to the method in losses/methods.py). Checked against this schema when
+    # declared next to the method in methods/). Checked against this schema when
     # the config loads: the key exists, the distribution suits its type, every value
     # passes its rule.
     space: tuple[SearchDim, ...] = ()
     # random: num_samples weight sets, each run on every schedule; optuna: TPE proposes
     # num_samples (schedule, weights) trials.
     search: Literal["random", "optuna"] = "random"
-    num_samples: int = 8
+    num_samples: int = positive(8, "a positive integer")
     # What a trial is judged by after its last step: all-mIoU, hIoU or old-class mIoU.
     metric: Literal["all", "hiou", "old"] = "all"
     # asha: per schedule, the incremental step is the time axis; none: every trial runs out.
     scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = 1
-    reduction_factor: float = 2.0
+    grace_period: int = positive(1, "a positive integer")
+    reduction_factor: float = ruled(2.0, lambda v: v > 1, "a number > 1")
     # 0 = as many concurrent trials as the cluster fits.
-    max_concurrent: int = 0
+    max_concurrent: int = non_negative(0, "an integer >= 0")
     # CPUs of a trial's driver (its TorchTrainers' workers take engine.cpus_per_worker each).
-    trial_cpus: float = 0.05
-    max_failures: int = 1
+    trial_cpus: float = non_negative(0.05, "a number >= 0")
+    max_failures: int = ruled(1, lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)")
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class Config:
-    """The whole, validated configuration of one run."""
+    """The whole, validated configuration of one run. Its defaults are the protocol's
+    (DESIGN.md, "Protocol decisions": VOC, SGD, lr 0.01 then 0.001, batch 24, crop 512, ...),
+    defined here only; configs/ set what an experiment changes."""
 
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -379,83 +420,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
-
-
-# Value rules beyond the types: key -> (predicate, what is allowed).
-def _positive(v: Any) -> bool:
-    return v is None or v > 0
-
-
-def _non_negative(v: Any) -> bool:
-    return v is None or v >= 0
-
-
-_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "data.crop_size": (_positive, "a positive integer"),
-    "data.scale_min": (_positive, "a positive number"),
-    "data.scale_max": (_positive, "a positive number"),
-    "data.eval_size": (_positive, "a positive integer"),
-    "data.loader_workers": (_non_negative, "an integer >= 0"),
-    "data.synthetic.num_train": (_positive, "a positive integer"),
-    "data.synthetic.num_eval": (_positive, "a positive integer"),
-    "data.synthetic.classes": (lambda v: 2 <= v <= 255, "an integer in 2..255"),
-    "data.synthetic.height": (_positive, "a positive integer"),
-    "data.synthetic.width": (_positive, "a positive integer"),
-    "task.steps": (lambda v: v is None or (len(v) > 0 and all(len(s) > 0 for s in v)),
-                   "a non-empty list of non-empty class-id lists"),
-    "model.head_channels": (_positive, "a positive integer"),
-    "loss.lambda_kd": (_non_negative, "a number >= 0"),
-    "loss.kd_alpha": (_positive, "a positive number"),
-    "loss.icd.lambda_int": (_non_negative, "a number >= 0"),
-    "loss.icd.lambda_ext": (_non_negative, "a number >= 0"),
-    "loss.icd.stats": (lambda v: len(v) > 0 and len(set(v)) == len(v),
-                       "a non-empty list of distinct statistics"),
-    "loss.icd.tau": (_positive, "a positive number"),
-    "loss.icd.msca_kernels": (lambda v: len(v) > 0 and all(k > 0 and k % 2 == 1 for k in v),
-                              "a non-empty list of odd positive kernel sizes"),
-    "loss.pod.lambda_pod": (_non_negative, "a number >= 0"),
-    "loss.pod.lambda_pod_logits": (_non_negative, "a number >= 0"),
-    "loss.pod.scales": (lambda v: len(v) > 0 and all(s > 0 for s in v),
-                        "a non-empty list of positive integers"),
-    "loss.pod.entropy_floor": (_non_negative, "a number >= 0"),
-    "loss.pod.bins": (_positive, "a positive integer"),
-    "loss.dkd.mbce": (_non_negative, "a number >= 0"),
-    "loss.dkd.kd": (_non_negative, "a number >= 0"),
-    "loss.dkd.dkd_pos": (_non_negative, "a number >= 0"),
-    "loss.dkd.dkd_neg": (_non_negative, "a number >= 0"),
-    "loss.dkd.ac": (_non_negative, "a number >= 0"),
-    "loss.dkd.pos_weight_step0": (_positive, "a positive number"),
-    "loss.dkd.pos_weight": (_positive, "a positive number"),
-    "loss.dkd.head_lr_factor": (_positive, "a positive number"),
-    "optim.lr": (_positive, "a positive number"),
-    "optim.lr_incremental": (_positive, "a positive number"),
-    "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "optim.weight_decay": (_non_negative, "a number >= 0"),
-    "optim.poly_power": (_non_negative, "a number >= 0"),
-    "optim.batch_size": (_positive, "a positive integer"),
-    "optim.epochs": (_positive, "a positive integer"),
-    "optim.epochs_incremental": (_positive, "a positive integer or null"),
-    "optim.iterations": (_positive, "a positive integer or null"),
-    "optim.iterations_incremental": (_positive, "a positive integer or null"),
-    "engine.num_workers": (_positive, "a positive integer"),
-    "engine.micro_batch_size": (_positive, "a positive integer or null"),
-    "engine.dali_threads": (_positive, "a positive integer"),
-    "engine.cpus_per_worker": (_positive, "a positive number"),
-    "engine.gpus_per_worker": (lambda v: 0 < v <= 1, "a number in (0, 1]: a worker trains on "
-                               "one GPU (or a share of one); use engine.num_workers for more "
-                               "GPUs"),
-    "engine.max_failures": (lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)"),
-    "tune.num_samples": (_positive, "a positive integer"),
-    "tune.grace_period": (_positive, "a positive integer"),
-    "tune.reduction_factor": (lambda v: v > 1, "a number > 1"),
-    "tune.max_concurrent": (_non_negative, "an integer >= 0"),
-    "tune.trial_cpus": (_non_negative, "a number >= 0"),
-    "tune.max_failures": (lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)"),
-    "eval.every_n_epochs": (_non_negative, "an integer >= 0"),
-    "eval.batch_size": (_positive, "a positive integer"),
-    "logging.log_every": (_positive, "a positive integer"),
-    "logging.num_overlays": (_non_negative, "an integer >= 0"),
-}
 
 
 def micro_batch_and_accumulation(cfg: Config) -> tuple[int, int]:
@@ -568,6 +532,11 @@ def _schema_fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _rule(cls: type, name: str) -> tuple[Callable[[Any], bool], str] | None:
+    """The value rule of field `name` of the schema class `cls` (ruled()), if it has one."""
+    return next(f.metadata.get(RULE) for f in dataclasses.fields(cls) if f.name == name)
+
+
 def _unknown_key_error(prefix: str, key: str, cls: type, source: str | None) -> ConfigError:
     allowed = list(_schema_fields(cls))
     full = f"{prefix}{key}"
@@ -593,21 +562,22 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, sources: Mapping[str
                                   f"{value!r}", sources.get(full))
             kwargs[key] = _build(tp, value, full + ".", sources)
             continue
-        kwargs[key] = _typed_value(tp, value, full, sources.get(full), sources)
+        kwargs[key] = _typed_value(tp, _rule(cls, key), value, full, sources.get(full),
+                                   sources)
     return cls(**kwargs)
 
 
-def _typed_value(tp: Any, value: Any, full: str, source: str | None,
+def _typed_value(tp: Any, rule: tuple[Callable[[Any], bool], str] | None, value: Any,
+                 full: str, source: str | None,
                  sources: Mapping[str, str] | None = None) -> Any:
     """`value` converted to the schema type `tp` of the key `full` and checked against the
-    key's rule; a ConfigError naming the key otherwise."""
+    key's `rule`; a ConfigError naming the key otherwise."""
     if tp == tuple[SearchDim, ...]:
         return _search_space(value, full, sources or {})
     try:
         typed = _coerce(value, tp)
     except _Mismatch:
         raise ConfigError(full, f"expected {_type_name(tp)}, got {value!r}", source) from None
-    rule = _RULES.get(full)
     if rule is not None and not rule[0](typed):
         raise ConfigError(full, f"must be {rule[1]}, got {value!r}", source)
     return typed
@@ -666,7 +636,7 @@ def _search_space(value: Any, full: str, sources: Mapping[str, str]) -> tuple[Se
             where = sources.get(f"{full}.{child}")
             if sub is None:  # null: not searched (still a config key)
                 try:
-                    _leaf_type(child)
+                    _leaf(child)
                 except ConfigError as exc:
                     raise ConfigError(f"{full}.{child}", f"not a config key: {exc.detail}",
                                       where) from None
@@ -687,7 +657,7 @@ def _search_space(value: Any, full: str, sources: Mapping[str, str]) -> tuple[Se
                 walk(sub, child)
             else:
                 try:
-                    _leaf_type(child)
+                    _leaf(child)
                 except ConfigError as exc:
                     raise ConfigError(f"{full}.{child}", f"not a config key: {exc.detail}",
                                       where) from None
@@ -701,26 +671,28 @@ def _search_space(value: Any, full: str, sources: Mapping[str, str]) -> tuple[Se
 
 def _is_leaf(key: str) -> bool:
     try:
-        _leaf_type(key)
+        _leaf(key)
     except ConfigError:
         return False
     return True
 
 
-def _leaf_type(key: str) -> Any:
-    """The schema type of the config key `key` (a ConfigError naming it if it is not one)."""
+def _leaf(key: str) -> tuple[Any, tuple[Callable[[Any], bool], str] | None]:
+    """The schema type and value rule of the config key `key` (a ConfigError naming it if it
+    is not one)."""
     node: Any = Config
     parts = key.split(".")
+    rule = None
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(node):
             raise ConfigError(key, f"{'.'.join(parts[:i])} is {_type_name(node)}, not a section")
         fields = _schema_fields(node)
         if part not in fields:
             raise _unknown_key_error(".".join(parts[:i]) + "." if i else "", part, node, None)
-        node = fields[part]
+        node, rule = fields[part], _rule(node, part)
     if dataclasses.is_dataclass(node):
         raise ConfigError(key, "is a section: search its keys one by one")
-    return node
+    return node, rule
 
 
 def check_search_dim(dim: SearchDim, space_key: str = "tune.space",
@@ -736,7 +708,7 @@ def check_search_dim(dim: SearchDim, space_key: str = "tune.space",
                           "own settings, the run's identity and the schedule; the schedules "
                           "are tune.schedules)", source)
     try:
-        tp = _leaf_type(dim.key)
+        tp, rule = _leaf(dim.key)
     except ConfigError as exc:
         raise ConfigError(name, f"not a config key: {exc.detail}", source) from None
     if dim.distribution not in DISTRIBUTIONS:
@@ -745,7 +717,7 @@ def check_search_dim(dim: SearchDim, space_key: str = "tune.space",
 
     def typed(v: Any) -> Any:
         try:
-            return _typed_value(tp, v, dim.key, source)
+            return _typed_value(tp, rule, v, dim.key, source)
         except ConfigError as exc:
             raise ConfigError(name, f"{exc.detail} ({dim.distribution} value)", source) from None
 
@@ -930,13 +902,6 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-def override(key: str, value: Any) -> str:
-    """A `key=value` override that sets exactly `value`: the value is written as JSON (a YAML
-    subset), so a string such as "93760_00000" or "10" stays a string instead of being read
-    as a number."""
-    return f"{key}={json.dumps(value)}"
-
-
 def update(cfg: Config, changes: Mapping[str, Any]) -> Config:
     """A new validated Config: `cfg` with the typed values `changes` ({"run.name": "x",
     "loss.icd.stats": (("std",),)}) set by dataclasses.replace; no text is parsed. A wrong key
@@ -961,15 +926,5 @@ def _set(node: Any, parts: list[str], value: Any, prefix: str) -> Any:
     else:
         if dataclasses.is_dataclass(tp):
             raise ConfigError(full, "is a section: set its keys one by one")
-        new = _typed_value(tp, value, full, None)
+        new = _typed_value(tp, _rule(type(node), name), value, full, None)
     return dataclasses.replace(node, **{name: new})
-
-
-def replace(cfg: Config, overrides: Sequence[str]) -> Config:
-    """A new validated Config: `cfg` with `key=value` overrides applied."""
-    data = config_to_dict(cfg)
-    sources: dict[str, str] = {}
-    for text in overrides:
-        key, value = parse_override(text)
-        data = _merge(data, _nest(key, value), sources, f"override {text!r}")
-    return config_from_dict(data, sources)

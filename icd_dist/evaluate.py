@@ -30,7 +30,7 @@ def evaluate_run(run: str, data: str, step: int | None = None, batch_size: int =
     shards in `data`."""
     import torch
 
-    from icd_dist.losses.methods import inference_state
+    from icd_dist.methods import inference_state
     from icd_dist.models.deeplab import build_model
     from icd_dist.train.metrics import format_per_class_table
     from icd_dist.train.validation import eval_loader, validate

@@ -54,9 +54,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import cpu_name  # noqa: E402
 
+from icd_dist.methods import METHODS as REGISTRY  # noqa: E402
 from icd_dist.train.metrics import harmonic_iou  # noqa: E402
 
-METHODS = ("ft", "mib", "plop", "icd", "dkd")
+# The continual methods of the registry, in its order (ft, mib, plop, icd, dkd).
+METHODS = tuple(name for name, method in REGISTRY.items() if not method.offline)
 REFERENCE = "icd"  # the paired differences are ICD minus each other method
 
 
@@ -80,7 +82,8 @@ TASK_FAMILY = {"large-2s": "large", "large-4s": "large", "6-5": "natural", "6-1"
 TASKS = tuple(TASK_FAMILY)
 MAIN_TASKS = ("large-2s",)
 # Methods whose step 0 is their own, not the shared CE one: its run-name prefix and label.
-OWN_STEP0 = {"dkd": ("step0-dkd", "step 0 (DKD's own)")}
+OWN_STEP0 = {name: (f"step0-{name}", f"step 0 ({name.upper()}'s own)")
+             for name, method in REGISTRY.items() if method.trains_own_step0}
 # (row label, overrides on the icd config). The full method is the icd row of the main table.
 ABLATION = (
     ("internal only", ["loss.icd.lambda_ext=0"]),

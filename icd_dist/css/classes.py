@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from icd_dist.config import DATASETS as DATASET_NAMES
 from icd_dist.config import ConfigError
 
 IGNORE_INDEX = 255
@@ -103,11 +104,14 @@ def _camvid_lut() -> tuple[int, ...]:
     return tuple(lut)
 
 
-DATASETS: dict[str, DatasetSpec] = {
-    "voc": DatasetSpec("voc", VOC_CLASSES, _identity_lut(len(VOC_CLASSES))),
-    "ade20k": DatasetSpec("ade20k", ADE20K_CLASSES, _identity_lut(len(ADE20K_CLASSES))),
-    "camvid": DatasetSpec("camvid", CAMVID_CLASSES, _camvid_lut()),
+_SPECS = {
+    "voc": (VOC_CLASSES, _identity_lut(len(VOC_CLASSES))),
+    "ade20k": (ADE20K_CLASSES, _identity_lut(len(ADE20K_CLASSES))),
+    "camvid": (CAMVID_CLASSES, _camvid_lut()),
 }
+# config.DATASETS names them (once); here each one's classes and label table.
+DATASETS: dict[str, DatasetSpec] = {name: DatasetSpec(name, *_SPECS[name])
+                                    for name in DATASET_NAMES}
 
 
 def generic_spec(name: str, num_classes: int,

@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DATASETS = ("voc", "ade20k", "camvid", "pairs")
+from icd_dist.config import DATASETS as NAMED_DATASETS
+
+# The raw layouts a shard build reads: the named datasets, and pairs (any image/label folders).
+DATASETS = (*NAMED_DATASETS, "pairs")
 _ADE_SPLITS = {"train": "training", "training": "training", "val": "validation",
                "validation": "validation"}
 

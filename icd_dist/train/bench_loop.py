@@ -43,7 +43,7 @@ def time_training(cfg: Config, iterations: int, warmup: int, engine_name: str | 
             for _ in range(accumulation):
                 loss = torch.nn.functional.cross_entropy(engine.forward(x).logits, y)
                 engine.backward(loss)
-                engine.step()
+                engine.end_micro_batch()
     for _ in range(warmup):
         one_step()
     if dist.is_available() and dist.is_initialized():

@@ -32,9 +32,9 @@ from icd_dist.train.run_folder import RunFolder
 class TrainState:
     """What a rank counts while training, saved with every epoch checkpoint."""
 
-    global_step: int = 0  # applied optimiser steps
+    iteration: int = 0  # applied iterations (optimiser updates); "step" is the task step
     micro_batches: int = 0
-    loss_curve: list[float] = field(default_factory=list)  # rank 0: loss per applied step
+    loss_curve: list[float] = field(default_factory=list)  # rank 0: loss per iteration
     bad: dict[tuple[str, str], str] = field(default_factory=dict)  # (shard, key) -> reason
     bad_reads: int = 0  # how often training met a bad sample (every epoch meets it again)
     seconds: float = 0.0  # training time over every attempt
@@ -43,15 +43,17 @@ class TrainState:
 
     def to_saved(self) -> dict:
         """Plain data for torch.save (weights_only loadable)."""
-        return {"global_step": self.global_step, "micro_batches": self.micro_batches,
+        return {"iteration": self.iteration, "micro_batches": self.micro_batches,
                 "loss_curve": list(self.loss_curve), "bad_reads": self.bad_reads,
                 "bad": [[s, k, r] for (s, k), r in self.bad.items()], "seconds": self.seconds,
                 "observed_dtypes": dict(self.observed_dtypes)}
 
     @classmethod
     def from_saved(cls, d: dict) -> TrainState:
-        """Inverse of to_saved (checkpoints from before observed_dtypes load too)."""
-        return cls(d["global_step"], d["micro_batches"], list(d["loss_curve"]),
+        """Inverse of to_saved (checkpoints from before observed_dtypes, or from before the
+        iteration/step naming, whose iteration was "global_step", load too)."""
+        return cls(d.get("iteration", d.get("global_step")), d["micro_batches"],
+                   list(d["loss_curve"]),
                    {(s, k): r for s, k, r in d["bad"]}, d["bad_reads"], d["seconds"],
                    dict(d.get("observed_dtypes", {})))
 

@@ -1,8 +1,8 @@
 """The per-worker training engine: DeepSpeed (ZeRO 0/1/2, fp32/bf16/fp16) or plain DDP,
-with the protocol's SGD (or AdamW) and a poly schedule stepped per optimiser step, and
+with the protocol's SGD (or AdamW) and a poly schedule stepped per iteration (optimiser update), and
 gradient accumulation so that the global batch is optim.batch_size.
 
-Both engines expose the same small interface (forward, backward, step, autocast, module,
+Both engines expose the same small interface (forward, backward, end_micro_batch, autocast, module,
 save/load), and on the same seed give the same loss curve in fp32 and in bf16 (tested).
 
 bf16 means the same in both engines: autocast to bfloat16 around the forward, with fp32
@@ -17,7 +17,7 @@ section is off and re-enters `torch.autocast(enabled=False)`. On CUDA the no-arg
 bf16 (on CPU it answers for CUDA, so CPU runs never showed it; tests force the CUDA answer).
 DeepSpeed's own bf16 mode (a bf16 module with fp32 copies in the optimiser) is not used. It
 runs on CPU too. fp16 is DeepSpeed's fp16 mode (an fp16 module, dynamic loss scaling) or
-autocast with a GradScaler on DDP, GPU only; an optimiser step skipped for an overflow does not
+autocast with a GradScaler on DDP, GPU only; an iteration skipped for an overflow does not
 advance the poly schedule in either engine. `autocast()` is the same context for other
 forwards of the step (the teacher's).
 
@@ -43,7 +43,7 @@ from icd_dist.config import Config, micro_batch_and_accumulation
 
 
 def poly_lambda(total_iterations: int, power: float):
-    """Multiplier of the base lr at optimiser step i: (1 - i / total) ** power, floored at 0."""
+    """Multiplier of the base lr at iteration i: (1 - i / total) ** power, floored at 0."""
     def factor(i: int) -> float:
         return max(0.0, 1.0 - i / max(1, total_iterations)) ** power
     return factor
@@ -140,10 +140,11 @@ class TrainEngine:
         """Accumulate the gradient of `loss` (one micro-batch)."""
         raise NotImplementedError
 
-    def step(self) -> bool:
-        """End of a micro-batch: at an accumulation boundary, optimiser + lr step. Returns
-        whether an optimiser step was applied (not at other micro-batches, nor when fp16
-        loss scaling skipped it for an overflow; only applied steps advance the schedule)."""
+    def end_micro_batch(self) -> bool:
+        """End of a micro-batch: at an accumulation boundary, an iteration (optimiser + lr
+        update). Returns whether an iteration was applied (not at other micro-batches, nor
+        when fp16 loss scaling skipped it for an overflow; only applied iterations advance
+        the schedule). "Step" is the task's incremental step throughout train/."""
         raise NotImplementedError
 
     def lr(self) -> float:
@@ -206,7 +207,7 @@ class DeepSpeedTrainEngine(TrainEngine):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> bool:
+    def end_micro_batch(self) -> bool:
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
         return boundary and self.engine.was_step_applied()
@@ -256,13 +257,13 @@ class DDPTrainEngine(TrainEngine):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, poly_lambda(total_iterations, cfg.optim.poly_power))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.micro_step = 0
+        self.micro_batch = 0
         self.device_type = "cuda" if on_gpu else "cpu"
 
     def forward(self, *args, **kwargs):
         # DDP decides in forward whether the coming backward all-reduces: skip it on
         # micro-batches before the accumulation boundary.
-        sync = (self.micro_step + 1) % self.accumulation == 0
+        sync = (self.micro_batch + 1) % self.accumulation == 0
         no_sync = not sync and isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
         with self.wrapped.no_sync() if no_sync else nullcontext(), \
                 autocast(self.device_type, self.precision):
@@ -271,15 +272,15 @@ class DDPTrainEngine(TrainEngine):
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss / self.accumulation).backward()
 
-    def step(self) -> bool:
-        self.micro_step += 1
-        if self.micro_step % self.accumulation:
+    def end_micro_batch(self) -> bool:
+        self.micro_batch += 1
+        if self.micro_batch % self.accumulation:
             return False
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        # GradScaler skips the optimiser step on inf/nan gradients and lowers its scale
+        # GradScaler skips the iteration on inf/nan gradients and lowers its scale
         applied = scale is None or self.scaler.get_scale() >= scale
         if applied:
             self.scheduler.step()
@@ -295,7 +296,7 @@ class DDPTrainEngine(TrainEngine):
         if rank == 0:
             torch.save({"model": self.module.state_dict(), "optimizer":
                         self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict(), "micro_step": self.micro_step},
+                        "scaler": self.scaler.state_dict(), "micro_batch": self.micro_batch},
                        Path(folder) / "ddp_engine.pt")
 
     def load(self, folder: str | Path) -> None:
@@ -305,7 +306,8 @@ class DDPTrainEngine(TrainEngine):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.micro_step = state["micro_step"]
+        # "micro_step": a checkpoint written before the iteration/step naming
+        self.micro_batch = state.get("micro_batch", state.get("micro_step"))
 
 
 def build_engine(cfg: Config, model: nn.Module, params, lr: float, total_iterations: int,

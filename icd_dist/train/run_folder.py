@@ -3,6 +3,7 @@ folder or an object-store URI); and how big the folder is.
 
     config.yaml  summary.json  run.log  worker_groups.log  failures/  ray/
     step_t/  model.pt  metrics.json  progress.log  DONE (written last)
+    step_0/identity.json (what the step-0 model is: train/step0.py)
              checkpoints/latest.json  checkpoints/epoch_e/ (engine state, rank_{r}.pt)
 
 Resuming needs a finished step's model.pt, metrics.json and DONE marker, and, for an
@@ -24,6 +25,7 @@ CONFIG = "config.yaml"
 SUMMARY = "summary.json"
 MODEL = "model.pt"
 METRICS = "metrics.json"
+STEP0_IDENTITY = "step_0/identity.json"
 WORKER_GROUPS = "worker_groups.log"  # a line per worker group that trained the run
 
 
@@ -136,13 +138,24 @@ class RunFolder:
             return Path(self.storage.path(self.step_dir(step)))
         return Path(tempfile.gettempdir()) / run_name / self.step_dir(step)
 
+    def write_step0_identity(self, identity: dict) -> None:
+        """step_0/identity.json: what this run's step-0 model is (train/step0.py)."""
+        self.storage.write_json(STEP0_IDENTITY, identity)
+
+    def read_step0_identity(self) -> dict | None:
+        """What write_step0_identity wrote; None for a run from before identities."""
+        return self.storage.read_json(STEP0_IDENTITY) if self.storage.exists(STEP0_IDENTITY) \
+            else None
+
     def copy_step(self, step: int, source: RunFolder) -> None:
-        """Copy a finished step (model, metrics, then the DONE marker) from `source`."""
+        """Copy a finished step (step 0's identity, model, metrics, then the DONE marker)
+        from `source`."""
         if not source.is_done(step):
             raise FileNotFoundError(f"{source.uri(self.step_dir(step))} is not a finished "
                                     f"step (no {DONE})")
-        for name in (MODEL, METRICS, DONE):
-            rel = f"step_{step}/{name}"
+        identity = [STEP0_IDENTITY] if step == 0 and source.storage.exists(STEP0_IDENTITY) \
+            else []
+        for rel in (*identity, *(f"step_{step}/{name}" for name in (MODEL, METRICS, DONE))):
             self.storage.write_bytes(rel, source.storage.read_bytes(rel))
 
     def size_bytes(self) -> int:

@@ -24,8 +24,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from icd_dist.config import Config, ConfigError, config_to_dict, dump_config
 from icd_dist.css.classes import format_class_ids
 from icd_dist.css.tasks import Task, task_from_config
@@ -35,8 +33,7 @@ from icd_dist.data.inspect import eval_selected_keys, manifest_spec, selected_ke
 from icd_dist.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from icd_dist.data.synthetic import build_synthetic
 from icd_dist.data.verify import check_run_shards
-from icd_dist.losses.methods import build_method
-from icd_dist.models.deeplab import resolve_head
+from icd_dist.methods import build_method
 from icd_dist.models.pretrained import check_pretrained
 from icd_dist.train.checkpoint import EpochCheckpoints
 from icd_dist.train.console import RunLog, step_failure
@@ -53,6 +50,7 @@ from icd_dist.train.report import (
     write_plots,
 )
 from icd_dist.train.run_folder import SUMMARY, RunFolder, format_bytes
+from icd_dist.train.step0 import check_step0_source, step0_identity
 from icd_dist.train.step_worker import sees_gpu
 from icd_dist.train.storage import Storage
 from icd_dist.train.teacher_board import make_board
@@ -142,17 +140,25 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
     eval_keys = [k for _, keys in selections.values() for k in keys]
     check_shards(cfg, [(train_dir, train_manifest, train_keys),
                        (eval_dir, eval_manifest, eval_keys)], run_log)
+    identity = step0_identity(cfg, task, selected_keys(train_manifest, task, 0))
+    source = RunFolder(step0_from) if step0_from and not run.is_done(0) else None
+    trained_apart: list[str] = []
+    if source is not None:  # before the run folder or Ray: a refused source changes nothing
+        trained_apart = check_step0_source(cfg, task, source, identity)
     run.write_config(dump_config(cfg))
     run_log.attach(run.storage)
+    if not run.is_done(0) and source is None:
+        run.write_step0_identity(identity)
+    elif not run.is_done(0):
+        run.copy_step(0, source)  # with its identity.json, where it has one
+        run_log(f"step 0: taken from {step0_from}")
+        if trained_apart:
+            run_log(f"note: that step 0 was trained differently from this config: "
+                    f"{'; '.join(trained_apart)}")
     started = False if local else init_ray(cfg)
     if started:
         run_log(describe_ray())
     try:
-        if step0_from and not run.is_done(0):
-            source = RunFolder(step0_from)
-            check_step0_source(cfg, task, source)
-            run.copy_step(0, source)
-            run_log(f"step 0: taken from {step0_from}")
         return _run_steps(cfg, task, name, run, (train_dir, eval_dir), selections, run_log,
                           on_step, final)
     finally:
@@ -196,44 +202,6 @@ def check_shards(cfg: Config, folders: list[tuple[str, Manifest, list[str]]], lo
         what = "sizes and sha256" if cfg.data.verify else "sizes (data.verify=false)"
         log(f"checked {checked} shards against their manifests ({what}) in "
             f"{time.perf_counter() - started:.1f} s")
-
-
-# Model keys that do not change the step-0 model: the classifier init of later steps and
-# which activations are tapped (step 0 trains with CE on the logits only).
-STEP0_NEUTRAL_MODEL_KEYS = ("mib_init", "taps")
-# Model keys added later, at the value every earlier model had: left out at that value, so
-# earlier step-0 models (their config.yaml, their cache keys) still match. model.classifier=dkd
-# (DKD's own step 0) is kept and makes another step-0 model.
-STEP0_LEGACY_DEFAULTS = {"classifier": "standard"}
-# A model config written before model.head existed had DKD's/torchvision's head.
-HEAD_BEFORE_THE_KEY = "deeplabv3"
-
-
-def step0_model_config(model: dict) -> dict:
-    """The part of a model config (as a dict) that shapes the step-0 model; model.head as the
-    head it resolves to (auto is MiB's or DKD's by the classifier)."""
-    out = {k: v for k, v in model.items() if k not in STEP0_NEUTRAL_MODEL_KEYS
-           and not (k in STEP0_LEGACY_DEFAULTS and v == STEP0_LEGACY_DEFAULTS[k])}
-    out["head"] = resolve_head(model["head"], model.get("classifier", "standard")) \
-        if "head" in model else HEAD_BEFORE_THE_KEY
-    return out
-
-
-def check_step0_source(cfg: Config, task: Task, source: RunFolder) -> None:
-    """ConfigError unless the finished step 0 in `source` learned this task's step-0 classes
-    with this model (the data and step-0 training are the caller's choice)."""
-    if not source.is_done(0):
-        raise FileNotFoundError(f"{source.uri('step_0')} is not a finished step")
-    classes = source.read_metrics(0)["classes"]
-    if list(classes) != [int(c) for c in task.classes_at(0)]:
-        raise ConfigError("task", f"step 0 in {source.uri()} learned classes {classes}, this "
-                          f"task's step 0 is {list(task.classes_at(0))}")
-    if source.has_config():
-        model = (yaml.safe_load(source.read_config()) or {}).get("model")
-        ours = step0_model_config(config_to_dict(cfg)["model"])
-        if model is not None and step0_model_config(model) != ours:
-            raise ConfigError("model", f"step 0 in {source.uri()} has model {model}, this run "
-                              f"has {ours}")
 
 
 def _train_with_ray(plan: SchedulePlan, cfg: Config, run: RunFolder, gpu: bool, log: RunLog,

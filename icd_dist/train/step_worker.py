@@ -8,10 +8,13 @@ RNG and counters: checkpoint.py); last, evaluate (validation.py, the code `icd_d
 runs too) and write_results: rank 0 writes the fp32 model.pt (the master weights),
 metrics.json and, last, the step's DONE marker.
 
+Naming: a "step" is the task's incremental step (step 0, step 1, ...); an "iteration" is
+one optimiser update (a global batch, over micro-batches with gradient accumulation).
+
 The budget (StepBudget) is fixed before training: every epoch is the same whole number of
-optimiser steps on every rank (data/epoch_order.py), the poly schedule runs over `iterations`
-applied optimiser steps. Resuming after epoch k restores the engine (weights, optimiser, lr
-schedule, applied-step count), every rank's torch/numpy/python (and CUDA) RNG states and the
+iterations on every rank (data/epoch_order.py), the poly schedule runs over `iterations`
+applied iterations. Resuming after epoch k restores the engine (weights, optimiser, lr
+schedule, applied-iteration count), every rank's torch/numpy/python (and CUDA) RNG states and the
 counters, and the loaders read epoch k + 1 as they would have (their order and augmentation
 are functions of (seed, epoch, rank)): a resumed step ends with the weights of the
 uninterrupted one, bit for bit on CPU (tested for both engines).
@@ -34,7 +37,7 @@ from icd_dist.config import Config, config_to_dict, micro_batch_and_accumulation
 from icd_dist.css.remap import train_lut
 from icd_dist.data.epoch_order import micro_batches_per_epoch
 from icd_dist.data.pipeline import StepLoader
-from icd_dist.losses.methods import Method, build_method, inference_state
+from icd_dist.methods import Method, build_method, inference_state
 from icd_dist.models.deeplab import DeepLabV3, build_model, to_sync_batchnorm
 from icd_dist.train.checkpoint import EpochCheckpoints, TrainState, set_rng_states
 from icd_dist.train.engine import PRECISION_DTYPES, TrainEngine, build_engine
@@ -57,16 +60,16 @@ class StepBudget:
     """A step's training budget, fixed before it starts (the same on every rank)."""
 
     micro: int  # samples per micro-batch per worker
-    accumulation: int  # micro-batches per optimiser step
-    batches_per_epoch: int  # micro-batches per worker per epoch (whole optimiser steps)
+    accumulation: int  # micro-batches per iteration
+    batches_per_epoch: int  # micro-batches per worker per epoch (whole iterations)
     epochs: int
-    iterations: int  # applied optimiser steps of the step (the poly schedule's length)
+    iterations: int  # iterations of the step (the poly schedule's length)
 
     @classmethod
     def of(cls, cfg: Config, step: int, num_images: int) -> StepBudget:
         """The budget of `step` with `num_images` selected training images: an epoch reads
         every image at least once (epoch_order); optim.iterations[_incremental], when set,
-        replace the epoch budget with that many optimiser steps (the last epoch cut short)."""
+        replace the epoch budget with that many iterations (the last epoch cut short)."""
         micro, accumulation = micro_batch_and_accumulation(cfg)
         per_epoch = micro_batches_per_epoch(num_images, cfg.engine.num_workers, micro,
                                             accumulation)
@@ -238,7 +241,7 @@ class StepTrainer:
             if every and (epoch + 1) % every == 0 and epoch + 1 < b.epochs:
                 m, _ = self.evaluate()
                 self.tracker.log({f"eval/{k}": v for k, v in m.scalars().items()},
-                                 step=self.state.global_step)
+                                 at=self.state.iteration)
             self.save(epoch)
             self.report({"step": self.step, "epoch": epoch,
                          "loss": float(last.get("total", 0.0))})
@@ -252,7 +255,7 @@ class StepTrainer:
         self.train_loader.set_epoch(epoch)
         self._seen, self._t0, last = 0, time.perf_counter(), {}
         for batch in self.train_loader:
-            if self.state.global_step >= self.budget.iterations:
+            if self.state.iteration >= self.budget.iterations:
                 break
             last = self.train_micro_batch(batch, epoch)
         self.flush_losses()
@@ -264,9 +267,9 @@ class StepTrainer:
         return last
 
     def train_micro_batch(self, batch, epoch: int) -> dict[str, torch.Tensor]:
-        """Forward, backward and (at accumulation boundaries) the optimiser step of one
+        """Forward, backward and (at accumulation boundaries) the iteration of one
         micro-batch; returns its loss components (on the device: they are read back to the
-        host every logging.log_every optimiser steps, not every step)."""
+        host every logging.log_every iterations, not every iteration)."""
         st = self.state
         note_bad_samples(st.bad, batch)
         st.bad_reads += batch.skipped
@@ -285,20 +288,20 @@ class StepTrainer:
             st.observed_dtypes = observed_dtypes(student_out, teacher_out)
         loss, parts = self.method(student_out, teacher_out, labels)
         self.engine.backward(loss)
-        if self.engine.step():
-            st.global_step += 1
+        if self.engine.end_micro_batch():
+            st.iteration += 1
             if self.is_chief:
                 self._pending_losses.append(parts["total"])
-                if st.global_step % self.cfg.logging.log_every == 0:
+                if st.iteration % self.cfg.logging.log_every == 0:
                     self.flush_losses()
                     self.tracker.log({**{f"loss/{k}": float(v) for k, v in parts.items()},
                                       "lr": self.engine.lr(), "epoch": epoch,
                                       "images_per_s": self._images_per_s()},
-                                     step=st.global_step)
+                                     at=st.iteration)
         return parts
 
     def flush_losses(self) -> None:
-        """Append the losses of the optimiser steps since the last flush to the loss curve
+        """Append the losses of the iterations since the last flush to the loss curve
         (one device-to-host copy for all of them)."""
         if self._pending_losses:
             self.state.loss_curve.extend(torch.stack(self._pending_losses).float().tolist())
@@ -356,7 +359,7 @@ class StepTrainer:
             result = {"step": step, "classes": list(task.classes_at(step)), **metrics.to_dict(),
                       "train_images": len(self.job.train_keys),
                       "eval_images": len(self.job.eval_keys), "seconds": st.seconds,
-                      "iterations": st.global_step, "epochs": self.budget.epochs,
+                      "iterations": st.iteration, "epochs": self.budget.epochs,
                       "micro_batches_per_rank": micro_batches,
                       "skipped_bad_samples": len(bad_samples), "bad_samples": bad_samples,
                       "bad_sample_reads": bad_reads, "engine": cfg.engine.engine,
@@ -368,7 +371,7 @@ class StepTrainer:
                       "teacher_digest": teacher_digest, "loss_curve": st.loss_curve,
                       "resumed_from_epoch": self.start_epoch}
             self.tracker.log_step_result(metrics.scalars(), metrics.per_class_iou, overlays,
-                                         step=st.global_step)
+                                         at=st.iteration)
             self.tracker.finish()
             # the engine's module holds the fp32 master weights (engine.py)
             state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()

@@ -1,6 +1,6 @@
 """Ray Tune sweeps of the distillation weights over several incremental schedules at once.
 
-    driver: prepare the shards; per schedule, the step-0 identity (step0_cache.py); train each
+    driver: prepare the shards; per schedule, the step-0 identity (step0.py); train each
             missing step-0 key once; then one Tune experiment whose trials are
             (schedule, weights) pairs.
     trial:  a whole schedule through run_schedule, its step 0 copied from the cache: one
@@ -46,11 +46,12 @@ from icd_dist.config import (
 from icd_dist.css.tasks import task_from_config
 from icd_dist.data.inspect import manifest_spec, selected_keys
 from icd_dist.data.manifest import load_manifest
-from icd_dist.losses.methods import method_class
+from icd_dist.methods import method_class
 from icd_dist.train.ray_session import describe_ray, init_ray
 from icd_dist.train.run_folder import RunFolder
 from icd_dist.train.schedule import Log, prepare_shards, run_schedule, use_gpu
-from icd_dist.train.step0_cache import Step0Cache, step0_identity, step0_key
+from icd_dist.train.step0 import step0_identity, step0_key
+from icd_dist.train.step0_cache import Step0Cache
 from icd_dist.train.storage import Storage
 from icd_dist.train.sweep_console import (
     SweepConsole,
@@ -87,6 +88,8 @@ def sweep_space(cfg: Config) -> tuple[SearchDim, ...]:
                           "declares no search space; give config keys, e.g. "
                           "tune.space.optim.lr_incremental={loguniform: [0.0001, 0.01]}")
     reads = method.loss_keys()
+    task = task_from_config(cfg)
+    step0 = step0_identity(cfg, task, ())
     for dim in dims:
         if dim.key.startswith("loss.") and not any(
                 dim.key == k or (k.endswith(".") and dim.key.startswith(k)) for k in reads):
@@ -94,10 +97,16 @@ def sweep_space(cfg: Config) -> tuple[SearchDim, ...]:
                               f"read it; the loss keys it reads: {', '.join(reads)}")
         for value in dim.values:
             try:
-                method.check_config(update(cfg, {dim.key: value}))
+                changed = update(cfg, {dim.key: value})
+                method.check_config(changed)
             except ConfigError as exc:
                 raise ConfigError(f"tune.space.{dim.key}", f"{dim.distribution} value "
                                   f"{value!r}: {exc}") from None
+            if step0_identity(changed, task, ()) != step0:
+                raise ConfigError(f"tune.space.{dim.key}", "shapes the step-0 model, which "
+                                  "the sweep trains once and shares with every trial "
+                                  "(train/step0.py); search keys of the incremental steps "
+                                  "(e.g. optim.lr_incremental), or sweep step 0 as runs")
     return dims
 
 
@@ -262,7 +271,7 @@ class WandbTrialRuns(Callback):
         run = self.runs.get(trial.trial_id)
         if run is not None:
             run.log({k: result[k] for k in ("score", "miou_all", "miou_old", "miou_new", "hiou")
-                     if result.get(k) is not None}, step=int(result["step"]))
+                     if result.get(k) is not None}, at=int(result["step"]))
 
     def _finish(self, trial):
         run = self.runs.pop(trial.trial_id, None)
@@ -373,7 +382,7 @@ def run_sweep(cfg: Config, log: Log | None = None,
     manifest = load_manifest(train_dir)
     spec = manifest_spec(manifest)
     schedules = list(cfg.tune.schedules) or [cfg.task.name]
-    keys, last_steps, identities = {}, {}, {}
+    keys, last_steps, step0_configs = {}, {}, {}
     for schedule in schedules:
         sched_cfg = update(cfg, {"task.name": schedule})
         task = task_from_config(sched_cfg, spec)
@@ -381,7 +390,7 @@ def run_sweep(cfg: Config, log: Log | None = None,
             raise ConfigError("tune.schedules", f"{schedule!r} has one step: nothing to distil")
         identity = step0_identity(sched_cfg, task, selected_keys(manifest, task, 0))
         keys[schedule] = step0_key(identity)
-        identities[keys[schedule]] = (identity, sched_cfg)
+        step0_configs[keys[schedule]] = sched_cfg
         last_steps[schedule] = task.num_steps - 1
     cache = Step0Cache(cfg.run.storage_path)
     started = init_ray(cfg)
@@ -391,14 +400,14 @@ def run_sweep(cfg: Config, log: Log | None = None,
         # A Ray this call started is this machine alone: it cannot grow to fit a trial.
         concurrency = trial_concurrency(cfg, use_gpu(cfg), ray.cluster_resources(),
                                         fixed_size=started)
-        for key, (identity, sched_cfg) in identities.items():
+        for key, sched_cfg in step0_configs.items():
             shared = [s for s in schedules if keys[s] == key]
             if cache.is_ready(key):
                 log(f"step 0 {key} ({', '.join(shared)}): reused from "
                     f"{cache.run_folder(key).uri()}")
                 continue
             log(f"step 0 {key} ({', '.join(shared)}): training it once for the sweep")
-            cache.train(sched_cfg, key, identity, log, by=name)
+            cache.train(sched_cfg, key, log, by=name)
         trainable = tune.with_resources(
             tune.with_parameters(sweep_trial, base=config_to_dict(cfg),
                                  sweep_root=storage.uri(),

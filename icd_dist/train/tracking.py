@@ -43,14 +43,16 @@ class Tracker:
                               reinit="create_new", settings=wandb.Settings(
                                   console="off", silent=True, x_disable_stats=True))
 
-    def log(self, data: Mapping, step: int | None = None) -> None:
-        """Log scalars."""
+    def log(self, data: Mapping, at: int | None = None) -> None:
+        """Log scalars at x-axis value `at` (W&B's "step": the iteration in a step's run, the
+        task step in a sweep trial's run)."""
         if self.run is not None:
-            self.run.log(dict(data), step=step)
+            self.run.log(dict(data), step=at)
 
     def log_step_result(self, metrics: Mapping, per_class: Mapping[str, float | None],
-                        overlays: list, step: int | None = None) -> None:
-        """Step metrics (scalars), the per-class IoU table and prediction overlays."""
+                        overlays: list, at: int | None = None) -> None:
+        """A step's metrics (scalars), the per-class IoU table and prediction overlays, at
+        x-axis value `at` (the step's last iteration)."""
         if self.run is None:
             return
         import wandb
@@ -61,7 +63,7 @@ class Tracker:
                                           "ground_truth": {"mask_data": gt}})
                   for img, pred, gt in overlays]
         self.run.log({**{f"eval/{k}": v for k, v in metrics.items()},
-                      "eval/per_class_iou": table, "eval/overlays": images}, step=step)
+                      "eval/per_class_iou": table, "eval/overlays": images}, step=at)
 
     def finish(self) -> None:
         """Close the run (flushes the offline files)."""

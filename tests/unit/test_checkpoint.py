@@ -52,6 +52,24 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     assert random.random() == expected[2]
     state = TrainState.from_saved(saved["state"])
     assert state == TrainState(5, 10, [1.0], {("a", "b"): "bad"}, 2, 1.5)
+    assert saved["state"]["iteration"] == 5 and "global_step" not in saved["state"]
+    # a checkpoint from before the iteration/step naming resumes at its iteration
+    legacy = {("global_step" if k == "iteration" else k): v for k, v in saved["state"].items()}
+    assert TrainState.from_saved(legacy) == state
+
+
+def test_a_ddp_engine_checkpoint_of_the_old_naming_restores_its_micro_batch(tmp_path):
+    engine = _engine(0)
+    engine.backward(engine.forward(torch.ones(2, 4)).sum())
+    assert engine.end_micro_batch()
+    engine.save(tmp_path)
+    saved = torch.load(tmp_path / "ddp_engine.pt", weights_only=True)
+    assert saved["micro_batch"] == 1
+    saved["micro_step"] = saved.pop("micro_batch")  # as written before the naming
+    torch.save(saved, tmp_path / "ddp_engine.pt")
+    restored = _engine(1)
+    restored.load(tmp_path)
+    assert restored.micro_batch == 1
 
 
 def _engine(seed: int):
@@ -68,8 +86,8 @@ def _train(engine, state: TrainState, iterations: int) -> None:
         x = torch.randn(2, 4)
         loss = engine.forward(x).pow(2).mean()
         engine.backward(loss)
-        assert engine.step()
-        state.global_step += 1
+        assert engine.end_micro_batch()
+        state.iteration += 1
         state.loss_curve.append(float(loss.detach()))
 
 

@@ -229,3 +229,29 @@ def test_the_large_task_configs_hold_their_classes_and_protocol():
     joint = load_config(str(configs / "large-joint_joint.yaml"))
     assert joint.method.name == "joint" and joint.task.steps == ((0, 1, 2, 4, 5, 6, 9),)
     assert joint.optim.iterations == 800 and joint.data.eval_unseen == "ignore"
+
+
+def test_every_planned_run_reuses_a_step0_of_its_own_step0_identity(bench, tmp_path):
+    """The benchmark plans its step-0 jobs; --step0-from accepts each reuse only where the
+    identities match (train/step0.py), so the plan must pair every run with a step 0 of its
+    identity: every method, the ablation, both families, DKD's own step 0."""
+    from icd_dist.config import load_config
+    from icd_dist.css import task_from_config
+    from icd_dist.train.step0 import identity_differences, step0_identity
+
+    shards = {"train": tmp_path / "t", "val": tmp_path / "v", "heldout": tmp_path / "h"}
+    args = _args(seeds=[0], tasks=list(bench.TASKS), methods=list(bench.METHODS),
+                 ablation_task="large-2s")
+    jobs = {j.key: j for j in bench.plan(args, shards, tmp_path / "r") if j.kind != "eval"}
+
+    def identity(j):
+        cfg = load_config(bench.ROOT / j.config, j.overrides)
+        task = task_from_config(cfg)
+        # the same images: the step-0 classes select them from one manifest
+        return step0_identity(cfg, task, [f"img{c}" for c in task.classes_at(0)])
+
+    reusing = [j for j in jobs.values() if j.needs]
+    assert {j.kind for j in reusing} == {"method", "ablation"} and len(reusing) > 20
+    for j in reusing:
+        assert identity(j) == identity(jobs[j.needs]), (
+            j.key, identity_differences(identity(j), identity(jobs[j.needs])))

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from icd_dist.config import ConfigError, dump_config, load_config, replace
+from icd_dist.config import ConfigError, dump_config, load_config, update
 from icd_dist.css import get_task
 from icd_dist.css.classes import generic_spec
 from icd_dist.losses.dkd import dkd_terms
-from icd_dist.losses.methods import build_method
+from icd_dist.methods import build_method
 from icd_dist.models.deeplab import DeepLabV3
 from icd_dist.models.dkd_classifier import DKDClassifier, dkd_predict
 from icd_dist.models.teacher import freeze
@@ -547,19 +547,20 @@ def test_method_and_classifier_must_match():
 
 
 def _key(cfg, task_name="2-1"):
-    from icd_dist.train.step0_cache import step0_identity, step0_key
+    from icd_dist.train.step0 import step0_identity, step0_key
 
     task = get_task(generic_spec("synthetic", 5), task_name, "overlap")
     return step0_key(step0_identity(cfg, task, ["a", "b"]))
 
 
 def test_step0_key_separates_dkds_step0_and_keeps_the_ce_ones():
-    from icd_dist.train.step0_cache import step0_identity
+    from icd_dist.train.step0 import step0_identity
 
     demo = load_config("configs/tune/demo.yaml")
-    dkd_cfg = replace(demo, ["method.name=dkd", "model.classifier=dkd", "loss.lambda_kd=0"])
+    dkd_cfg = update(demo, {"method.name": "dkd", "model.classifier": "dkd",
+                           "loss.lambda_kd": 0.0})
     assert _key(dkd_cfg) != _key(demo)
-    assert _key(dkd_cfg) != _key(replace(demo, ["method.name=dkd"]))  # the classifier alone
+    assert _key(dkd_cfg) != _key(update(demo, {"method.name": "dkd"}))  # the classifier alone
     # the CE step 0's identity is what it was before model.classifier existed
     task = get_task(generic_spec("synthetic", 5), "2-1", "overlap")
     identity = step0_identity(demo, task, ["a"])
@@ -567,36 +568,44 @@ def test_step0_key_separates_dkds_step0_and_keeps_the_ce_ones():
     assert step0_identity(dkd_cfg, task, ["a"])["method"] == {"dkd": {
         "mbce": 1.0, "ac": 1.0, "pos_weight_step0": 2.0, "head_lr_factor": 10.0}}
     # weights of later steps share DKD's step 0; what trains its step 0 does not
-    for override in ("loss.dkd.kd=1", "loss.dkd.dkd_pos=2", "loss.dkd.dkd_neg=0",
-                     "loss.dkd.pos_weight=3", "loss.dkd.freeze_bn=false",
-                     "optim.lr_incremental=0.1"):
-        assert _key(replace(dkd_cfg, [override])) == _key(dkd_cfg), override
-    for override in ("loss.dkd.mbce=2", "loss.dkd.ac=0", "loss.dkd.pos_weight_step0=35",
-                     "loss.dkd.head_lr_factor=1", "optim.lr=0.1"):
-        assert _key(replace(dkd_cfg, [override])) != _key(dkd_cfg), override
+    for key, value in (("loss.dkd.kd", 1.0), ("loss.dkd.dkd_pos", 2.0), ("loss.dkd.dkd_neg", 0.0),
+                       ("loss.dkd.pos_weight", 3.0), ("loss.dkd.freeze_bn", False),
+                       ("optim.lr_incremental", 0.1)):
+        assert _key(update(dkd_cfg, {key: value})) == _key(dkd_cfg), key
+    for key, value in (("loss.dkd.mbce", 2.0), ("loss.dkd.ac", 0.0),
+                       ("loss.dkd.pos_weight_step0", 35.0), ("loss.dkd.head_lr_factor", 1.0),
+                       ("optim.lr", 0.1)):
+        assert _key(update(dkd_cfg, {key: value})) != _key(dkd_cfg), key
 
 
 def test_step0_from_a_ce_step0_is_refused_for_dkd(tmp_path):
     from icd_dist.train.run_folder import RunFolder
-    from icd_dist.train.schedule import check_step0_source
+    from icd_dist.train.step0 import check_step0_source, step0_identity
 
     task = get_task("camvid", "6-5")
-    for method, name in (("ft", "ce"), ("dkd", "dkd")):
-        source = Storage(str(tmp_path / name))
-        source.makedirs()
-        source.write_bytes("config.yaml", dump_config(
-            load_config(f"configs/camvid/6-5_{method}.yaml")).encode())
-        source.write_json("step_0/metrics.json", {"classes": list(task.classes_at(0))})
-        source.write_bytes("step_0/DONE", b"done\n")
-    dkd_cfg = load_config("configs/camvid/6-5_dkd.yaml")
-    check_step0_source(dkd_cfg, task, RunFolder(str(tmp_path / "dkd")))
-    check_step0_source(load_config("configs/camvid/6-1_dkd.yaml"), task,
-                       RunFolder(str(tmp_path / "dkd")))
-    with pytest.raises(ConfigError, match="model"):
-        check_step0_source(dkd_cfg, task, RunFolder(str(tmp_path / "ce")))
-    with pytest.raises(ConfigError, match="model"):
-        check_step0_source(load_config("configs/camvid/6-5_mib.yaml"), task,
-                           RunFolder(str(tmp_path / "dkd")))
+
+    def identity(cfg):
+        return step0_identity(cfg, task, ["a"])
+
+    for with_identity in (True, False):  # a step 0 with its identity file, or from before
+        for method, name in (("ft", "ce"), ("dkd", "dkd")):
+            cfg = load_config(f"configs/camvid/6-5_{method}.yaml")
+            source = RunFolder(str(tmp_path / f"{name}-{with_identity}"))
+            source.write_config(dump_config(cfg))
+            source.write_metrics(0, {"classes": list(task.classes_at(0))})
+            source.mark_done(0)
+            if with_identity:
+                source.write_step0_identity(identity(cfg))
+        dkd, ce = (RunFolder(str(tmp_path / f"{n}-{with_identity}")) for n in ("dkd", "ce"))
+        dkd_cfg = load_config("configs/camvid/6-5_dkd.yaml")
+        check_step0_source(dkd_cfg, task, dkd, identity(dkd_cfg))
+        dkd_61 = load_config("configs/camvid/6-1_dkd.yaml")
+        check_step0_source(dkd_61, task, dkd, identity(dkd_61))
+        with pytest.raises(ConfigError, match="model"):
+            check_step0_source(dkd_cfg, task, ce, identity(dkd_cfg))
+        mib = load_config("configs/camvid/6-5_mib.yaml")
+        with pytest.raises(ConfigError, match="model"):
+            check_step0_source(mib, task, dkd, identity(mib))
     # a config.yaml written before model.classifier existed still serves a CE run
     legacy = Storage(str(tmp_path / "legacy"))
     text = dump_config(load_config("configs/camvid/6-5_ft.yaml")).replace(
@@ -605,7 +614,8 @@ def test_step0_from_a_ce_step0_is_refused_for_dkd(tmp_path):
     legacy.write_bytes("config.yaml", text.encode())
     legacy.write_json("step_0/metrics.json", {"classes": list(task.classes_at(0))})
     legacy.write_bytes("step_0/DONE", b"done\n")
-    check_step0_source(load_config("configs/camvid/6-5_icd.yaml"), task, RunFolder(legacy))
+    icd = load_config("configs/camvid/6-5_icd.yaml")
+    check_step0_source(icd, task, RunFolder(legacy), identity(icd))
 
 
 def test_shipped_configs_carry_dkds_recipe():
@@ -636,7 +646,7 @@ def test_shipped_configs_carry_dkds_recipe():
                 other = load_config(root / dataset / f"{task}_mib.yaml")
                 assert (o.iterations, o.iterations_incremental, cfg.model) == \
                     (other.optim.iterations, other.optim.iterations_incremental,
-                     replace(other, ["model.classifier=dkd"]).model)
+                     update(other, {"model.classifier": "dkd"}).model)
 
 
 def test_sweep_searches_dkds_weights():
@@ -662,4 +672,5 @@ def test_sweep_searches_dkds_weights():
     with pytest.raises(ConfigError, match="tune.space.loss.dkd.kd: method 'icd' does not read"):
         sweep_space(icd)
     with pytest.raises(ConfigError, match="tune.space.loss.lambda_kd: method 'dkd' does not"):
-        sweep_space(replace(cfg, ["tune.space.loss.lambda_kd={loguniform: [1, 2]}"]))
+        sweep_space(load_config("configs/tune/camvid_dkd.yaml",
+                                ["tune.space.loss.lambda_kd={loguniform: [1, 2]}"]))

@@ -39,7 +39,7 @@ def test_bf16_is_autocast_over_fp32_weights():
     out = engine.forward(x)
     assert out.dtype == torch.bfloat16  # the forward ran in bf16
     engine.backward(out.float().square().mean())
-    assert engine.step()
+    assert engine.end_micro_batch()
     # the optimiser updated fp32 weights; BatchNorm's weights and statistics stay fp32
     assert all(p.dtype == torch.float32 for p in net.parameters())
     assert all(b.dtype == torch.float32 for n, b in net.named_buffers() if "running" in n)
@@ -86,7 +86,7 @@ def test_bf16_forward_is_bf16_where_the_autocast_query_answers_for_the_device(
     out = engine.forward(torch.randn(4, 3, 8, 8))
     assert out.dtype == torch.bfloat16  # observed, not the config's word
     engine.backward(out.float().square().mean())
-    assert engine.step()
+    assert engine.end_micro_batch()
     assert all(p.dtype == torch.float32 for p in engine.module.parameters())
     if engine_name == "deepspeed":
         # every gradient reduced in fp32: no module marked as safe to reduce in bf16
@@ -127,11 +127,11 @@ def test_skipped_fp16_step_does_not_advance_the_schedule():
     x = torch.randn(4, 3, 8, 8)
     before = [p.detach().clone() for p in net.parameters()]
     engine.backward(engine.forward(x).float().mean() * float("inf"))
-    assert engine.step() is False  # not applied
+    assert engine.end_micro_batch() is False  # not applied
     assert engine.scheduler.last_epoch == 0 and engine.lr() == pytest.approx(0.1)
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     engine.backward(engine.forward(x).float().mean())
-    assert engine.step() is True
+    assert engine.end_micro_batch() is True
     assert engine.scheduler.last_epoch == 1 and engine.lr() == pytest.approx(0.1 * 0.9 ** 0.9)
 
 

@@ -10,7 +10,7 @@ from icd_dist.config import ConfigError, load_config
 from icd_dist.css import get_task
 from icd_dist.losses import css
 from icd_dist.losses.icd import MSCA, external_loss, internal_loss
-from icd_dist.losses.methods import METHODS, build_method, inference_state
+from icd_dist.methods import METHODS, build_method, inference_state
 from icd_dist.models import SegOutput
 from icd_dist.models.deeplab import DeepLabV3
 
@@ -256,3 +256,13 @@ def test_learned_msca_is_the_models_trained_at_step1_only_and_used_by_the_loss()
     for other in (cfg_for("icd"), cfg_for("mib", "loss.icd.msca=learned")):
         _, plain = _msca_student(other, 1, step0)
         assert not hasattr(plain, "msca")
+
+
+def test_registry_flags_agree_with_what_each_method_does():
+    """The benchmark plans from these flags (tools/css_benchmark.py): a method that trains its
+    own step 0 has a step-0 identity of its own; the offline one has nothing to search."""
+    for name, method in METHODS.items():
+        cfg = load_config(f"configs/camvid/{'joint' if name == 'joint' else '6-5_' + name}.yaml")
+        assert method.name == name
+        assert method.trains_own_step0 == bool(method.step0_identity(cfg)), name
+        assert method.offline == (method.search_space(cfg) == ()), name

@@ -9,9 +9,9 @@ from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.segmentation import deeplabv3_resnet101
 
-from icd_dist.config import load_config, replace
+from icd_dist.config import load_config, update
 from icd_dist.css import get_task
-from icd_dist.losses.methods import build_method
+from icd_dist.methods import build_method
 from icd_dist.models import (
     DeepLabV3,
     PretrainedFormatError,
@@ -218,7 +218,7 @@ def test_training_step_with_fused_default_equals_eager():
     for impl in ("auto", "eager"):
         student = copy.deepcopy(initial)
         optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-        loss_fn = build_method(replace(cfg, [f"loss.icd.impl={impl}"]), task, 1)
+        loss_fn = build_method(update(cfg, {"loss.icd.impl": impl}), task, 1)
         torch.manual_seed(1)  # the same dropout masks in both runs
         loss, parts = loss_fn(student(x), t_out, labels)
         loss.backward()

@@ -15,7 +15,7 @@ from icd_dist.config import (
     dump_config,
     load_config,
 )
-from icd_dist.losses.methods import METHODS
+from icd_dist.methods import METHODS
 from icd_dist.train.sweep import _tune_option, search_space, sweep_space, trial_params, with_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,6 +158,10 @@ def test_method_rules_refuse_a_dimension_before_ray_starts(monkeypatch, capsys):
         ("configs/tune/camvid_dkd.yaml", ["tune.space.loss.seg={choice: [ce]}"],
          "tune.space.loss.seg: method 'dkd' does not read it; the loss keys it reads: "
          "loss.dkd."),
+        ("configs/tune/demo.yaml", ["tune.space.optim.lr={loguniform: [0.01, 0.1]}"],
+         "tune.space.optim.lr: shapes the step-0 model, which the sweep trains once"),
+        ("configs/tune/camvid_dkd.yaml", ["tune.space.loss.dkd.mbce={uniform: [0.5, 2]}"],
+         "tune.space.loss.dkd.mbce: shapes the step-0 model"),
         ("configs/tune/demo.yaml", ["tune.space.optim.batch_size={choice: [8, 7]}",
                                     "engine.num_workers=2", "engine.launcher=ray"],
          "tune.space.optim.batch_size: choice value 7: optim.batch_size: 7 is not a multiple"),

@@ -60,7 +60,7 @@ def test_ddp_engine_single_process_accumulates():
     w0 = lin.weight.detach().clone()
     for half in (x[:4], x[4:]):
         engine.backward(engine.forward(half).sum())
-        stepped = engine.step()
+        stepped = engine.end_micro_batch()
     assert stepped and engine.lr() == pytest.approx(0.1 * 0.9 ** 0.9)
     # one SGD step on the mean gradient of the two micro-batches
     expected = w0 - 0.1 * (x[:4].sum(0) + x[4:].sum(0)) / 2
@@ -89,7 +89,7 @@ def test_teacher_built_on_shared_arrays_without_copy():
 def test_student_loads_the_shared_teacher_arrays_without_a_private_copy():
     from icd_dist.css import get_task
     from icd_dist.css.classes import generic_spec
-    from icd_dist.losses.methods import build_method
+    from icd_dist.methods import build_method
     from icd_dist.train.plan import StepJob
     from icd_dist.train.step_worker import build_student
 
@@ -142,25 +142,54 @@ def test_summary_table_and_plots(tmp_path):
 
 
 def test_step0_source_is_shared_across_methods_but_not_across_models(tmp_path):
+    """--step0-from takes a step 0 only where its identity (step_0/identity.json) says it is
+    the run's model (classes, model config, DKD's own step 0); a refusal names the field, and
+    the run reports how it was trained otherwise. Without an identity file (a run from
+    before them) the classes and the model config decide."""
     from icd_dist.config import dump_config, update
     from icd_dist.css import get_task
     from icd_dist.train.run_folder import RunFolder
-    from icd_dist.train.schedule import check_step0_source
+    from icd_dist.train.step0 import check_step0_source, step0_identity
 
     task = get_task("camvid", "6-5")
+    keys = ["a", "b", "c"]
     ft = load_config("configs/camvid/6-5_ft.yaml")
-    source = Storage(str(tmp_path / "step0"))
-    source.makedirs()
-    source.write_bytes("config.yaml", dump_config(ft).encode())
-    source.write_json("step_0/metrics.json", {"classes": list(task.classes_at(0))})
-    source.write_bytes("step_0/DONE", b"done\n")
+    source = RunFolder(str(tmp_path / "step0"))
+    source.write_config(dump_config(ft))
+    source.storage.write_json("step_0/metrics.json", {"classes": list(task.classes_at(0))})
+    source.mark_done(0)
+    legacy = RunFolder(str(tmp_path / "step0"))  # no identity yet: the legacy check
+    check_step0_source(load_config("configs/camvid/6-5_mib.yaml"), task, legacy,
+                       step0_identity(ft, task, keys))
+    with pytest.raises(ConfigError, match="^model: step 0 in"):
+        bigger = update(ft, {"model.head_channels": 64})
+        check_step0_source(bigger, task, legacy, step0_identity(bigger, task, keys))
+    source.write_step0_identity(step0_identity(ft, task, keys))
     # PLOP taps pre-activations and ft initialises its head randomly: same step-0 model
     for path in ("configs/camvid/6-5_plop.yaml", "configs/camvid/6-5_mib.yaml",
-                 "configs/camvid/6-5_icd.yaml"):
-        check_step0_source(load_config(path), task, RunFolder(source))
+                 "configs/camvid/6-5_icd.yaml", "configs/camvid/6-1_icd.yaml"):
+        cfg = load_config(path)
+        check_step0_source(cfg, get_task("camvid", cfg.task.name), source,
+                           step0_identity(cfg, get_task("camvid", cfg.task.name), keys))
     assert load_config("configs/camvid/6-5_plop.yaml").model.taps == "pre_activation"
-    with pytest.raises(ConfigError, match="model"):
-        check_step0_source(update(ft, {"model.head_channels": 64}), task, RunFolder(source))
+    # another model: refused, naming the field
+    for changes, named in (({"model.head_channels": 64},
+                            "model.head_channels: .*64 here, 128 there"),
+                           ({"model.backbone": "resnet18"}, "model.backbone: ")):
+        other = update(ft, changes)
+        with pytest.raises(ConfigError, match=named):
+            check_step0_source(other, task, source, step0_identity(other, task, keys))
+    with pytest.raises(ConfigError, match="^task: .*classes: "):
+        check_step0_source(ft, get_task("camvid", [[0, 1], [2]]), source,
+                           step0_identity(ft, get_task("camvid", [[0, 1], [2]]), keys))
+    # the same model trained otherwise: reported, every field (the legacy check saw none)
+    other = update(ft, {"run.seed": 1, "optim.lr": 0.1, "engine.engine": "deepspeed"})
+    assert check_step0_source(other, task, source, step0_identity(other, task, ["a"])) == [
+        f"train_images: {step0_identity(other, task, ['a'])['train_images']!r} here, "
+        f"{step0_identity(ft, task, keys)['train_images']!r} there",
+        "optim.lr: 0.1 here, 0.002 there", "engine.engine: 'deepspeed' here, 'ddp' there",
+        "seed: 1 here, 0 there"]
+    assert check_step0_source(ft, task, source, step0_identity(ft, task, keys)) == []
 
 
 def test_worker_group_record_and_in_process_teacher_handoff(tmp_path):
