@@ -51,6 +51,8 @@ class Method(nn.Module):
     offline: ClassVar[bool] = False
     # The loss.* keys (prefixes) the method reads besides loss.seg and pseudo_ce's.
     method_loss_keys: ClassVar[tuple[str, ...]] = ()
+    # The method's own weights and their default ranges (around its authors' values).
+    search_weights: ClassVar[tuple[SearchDim, ...]] = ()
 
     def __init__(self, cfg: Config, task: Task, step: int):
         super().__init__()
@@ -94,9 +96,6 @@ class Method(nn.Module):
         lr = cfg.optim.lr_incremental
         return (*cls.search_weights, SearchDim("optim.lr_incremental", "loguniform",
                                                (lr / 10, lr * 10)))
-
-    # The method's own weights and their default ranges (around its authors' values).
-    search_weights: ClassVar[tuple[SearchDim, ...]] = ()
 
     @property
     def needs_teacher(self) -> bool:

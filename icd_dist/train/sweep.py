@@ -365,8 +365,8 @@ def _tuner(cfg: Config, trainable, space: dict, schedules: Sequence[str],
 def run_sweep(cfg: Config, log: Log | None = None,
               points: Sequence[Mapping] | None = None) -> dict:
     """Run (or resume) the sweep of `cfg.tune`; returns the summary also written as
-    tune_summary.json. `points` are weight sets to evaluate first (e.g. the shipped
-    defaults), each a mapping of the searched names."""
+    tune_summary.json. `points` are value sets to evaluate first (e.g. the shipped
+    defaults), each a mapping of the searched config keys to values."""
     import ray
     from ray import tune
 
