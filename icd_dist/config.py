@@ -324,8 +324,15 @@ class EngineConfig:
     # Student and images in channels_last memory format (often faster convolutions on GPUs
     # with tensor cores; tools/gpu_check.py measures it).
     channels_last: bool = False
+    # Ray's placement of the workers over the nodes: PACK (as few nodes as fit, Ray Train's
+    # default), SPREAD (over as many as possible), STRICT_SPREAD (one worker per node, or
+    # wait for nodes), STRICT_PACK (all on one node).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Ray Train FailureConfig: how many worker-group failures a step survives.
     max_failures: int = ruled(0, lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)")
+    # After a node is lost, how long the run waits for another node to take its workers'
+    # place (an autoscaler's, or one added by hand) before it stops with one line saying so.
+    node_loss_timeout_s: float = positive(600.0, "a positive number of seconds")
     # Data-loading threads/processes per worker (DALI threads; torch uses data.loader_workers).
     dali_threads: int = positive(2, "a positive integer")
 

@@ -41,7 +41,8 @@ def fit_with_ray(plan: SchedulePlan, run: RunFolder, cfg: Config, gpu: bool) -> 
         train_schedule_worker,
         train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=e.placement_strategy),
         run_config=RunConfig(
             name=f"{first.run_name}-from-step{first.step}", storage_path=run.uri("ray"),
             failure_config=FailureConfig(max_failures=e.max_failures)),

@@ -15,7 +15,9 @@ from icd_dist.css.tasks import Task
 from icd_dist.train.run_folder import RunFolder
 
 # Test hook: "STEP:EPOCH:RANK" in the driver's environment makes that worker exit abruptly
-# once, to test recovery (read by the driver into StepJob.inject_failure).
+# once, to test recovery; "STEP:EPOCH:RANK:hold" makes it wait there instead, its Ray node id
+# in the marker, until a test removes that node (read by the driver into
+# StepJob.inject_failure).
 FAILURE_ENV = "ICD_DIST_INJECT_FAILURE"
 
 

@@ -38,6 +38,7 @@ from icd_dist.models.pretrained import check_pretrained
 from icd_dist.train.checkpoint import EpochCheckpoints
 from icd_dist.train.console import RunLog, step_failure
 from icd_dist.train.launcher import FitThread, fit_in_process, fit_with_ray
+from icd_dist.train.node_watch import NodeLossWatch
 from icd_dist.train.plan import FAILURE_ENV, SchedulePlan, StepJob
 from icd_dist.train.progress import ProgressFollower
 from icd_dist.train.ray_session import describe_ray, init_ray
@@ -210,6 +211,7 @@ def _train_with_ray(plan: SchedulePlan, cfg: Config, run: RunFolder, gpu: bool, 
     """fit_plan in a thread; this thread follows each step's progress and calls `finished`
     as its DONE marker appears. A failure raises StepFailedError naming the step it hit."""
     fit = FitThread(lambda: fit_plan(plan, run, cfg, gpu))
+    watch = NodeLossWatch(cfg.engine.node_loss_timeout_s)
     fit.start()
     try:
         for job in plan.jobs:
@@ -217,6 +219,7 @@ def _train_with_ray(plan: SchedulePlan, cfg: Config, run: RunFolder, gpu: bool, 
             with ProgressFollower(run.storage, run.progress(job.step), log):
                 while not run.is_done(job.step) and fit.is_alive():
                     fit.join(POLL_S)
+                    watch.check(job.step)  # a lost node nothing replaces: stop, one line
             if not run.is_done(job.step):
                 fit.join()
                 if fit.error is not None:

@@ -50,6 +50,7 @@ from icd_dist.train.teacher_share import (
     build_teacher,
     fetch_teacher_arrays,
     shared_tensors,
+    shares_memory_with,
 )
 from icd_dist.train.tracking import Tracker, wandb_mode
 from icd_dist.train.validation import eval_loader, note_bad_samples, validate
@@ -147,14 +148,24 @@ def build_student(job: StepJob, device: torch.device, method: Method) -> DeepLab
 
 
 def _maybe_inject_failure(job: StepJob, epoch: int, rank: int) -> None:
+    """The test hook FAILURE_ENV ("step:epoch:rank", or "step:epoch:rank:hold"): once per run,
+    the rank exits at the start of that epoch, or (hold) writes its Ray node id into the
+    marker and waits there until its process is killed (a test removes its node)."""
     spec = job.inject_failure
     if not spec or not job.failure_marker_dir:
         return
-    step, ep, rk = (int(x) for x in spec.split(":"))
+    step, ep, rk, *mode = spec.split(":")
     marker = Path(job.failure_marker_dir) / f"failed_{step}_{ep}_{rk}"
-    if (step, ep, rk) == (job.step, epoch, rank) and not marker.exists():
+    if (int(step), int(ep), int(rk)) == (job.step, epoch, rank) and not marker.exists():
+        import ray
+
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("injected")
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        partial = marker.with_suffix(".partial")
+        partial.write_text(node or "injected")
+        partial.replace(marker)  # the marker appears whole
+        while mode == ["hold"]:
+            time.sleep(1)
         os._exit(1)
 
 
@@ -206,11 +217,33 @@ class StepTrainer:
         if not self.method.needs_teacher:
             return None
         sizes = [len(s) for s in self.task.steps[: self.step]]
-        teacher = build_teacher(inference_state(fetch_teacher_arrays(self.job.teacher)),
-                                self.cfg.model, sizes, self.device, _teacher_dtype(self.cfg))
+        self._teacher_arrays = inference_state(fetch_teacher_arrays(self.job.teacher))
+        teacher = build_teacher(self._teacher_arrays, self.cfg.model, sizes, self.device,
+                                _teacher_dtype(self.cfg))
         if self.cfg.engine.channels_last and self.device.type == "cuda":
             teacher = teacher.to(memory_format=torch.channels_last)  # a copy on GPU anyway
         return teacher
+
+    def _placement(self) -> dict:
+        """Where the ranks ran and how the teacher reached them, as observed (a collective:
+        every rank calls it): each rank's Ray node ("worker_nodes"; null in-process), whether
+        its teacher's weights are the shared arrays themselves ("teacher_zero_copy": no
+        private copy; null without a teacher), and on rank 0 the nodes whose object store
+        holds the teacher's arrays ("teacher_nodes": one copy per node with workers)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        zero_copy = shares_memory_with(self.teacher, self._teacher_arrays) \
+            if self.teacher is not None else None
+        out = {"worker_nodes": _gather_objects(node, self.world),
+               "teacher_zero_copy": _gather_objects(zero_copy, self.world),
+               "teacher_nodes": None}
+        if self.is_chief and isinstance(self.job.teacher, ray.ObjectRef):
+            from ray.experimental import get_object_locations
+
+            where = get_object_locations([self.job.teacher])[self.job.teacher]
+            out["teacher_nodes"] = sorted(where["node_ids"])
+        return out
 
     def _build_loaders(self) -> tuple[StepLoader, StepLoader]:
         cfg, job, task, step = self.cfg, self.job, self.task, self.step
@@ -355,6 +388,7 @@ class StepTrainer:
         teacher_digest = weights_digest(self.teacher) if self.teacher is not None else None
         bad_samples = _gather_bad_samples(st.bad, self.world)
         bad_reads = sum(_gather_objects(st.bad_reads, self.world))
+        placement = self._placement()
         if self.is_chief:
             result = {"step": step, "classes": list(task.classes_at(step)), **metrics.to_dict(),
                       "train_images": len(self.job.train_keys),
@@ -369,7 +403,7 @@ class StepTrainer:
                       "observed_dtypes": st.observed_dtypes,
                       "workers": self.world, "student_digests": student_digests,
                       "teacher_digest": teacher_digest, "loss_curve": st.loss_curve,
-                      "resumed_from_epoch": self.start_epoch}
+                      "resumed_from_epoch": self.start_epoch, **placement}
             self.tracker.log_step_result(metrics.scalars(), metrics.per_class_iou, overlays,
                                          at=st.iteration)
             self.tracker.finish()

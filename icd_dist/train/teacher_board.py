@@ -25,7 +25,12 @@ class TeacherBoard:
 
 
 def make_board():
-    """A TeacherBoard actor (no CPU reserved), owned by the caller (the driver)."""
+    """A TeacherBoard actor (no CPU reserved), owned by the caller (the driver) and placed on
+    the driver's node, as Ray Train places its controller: on a cluster, losing a worker
+    node must not take the board with it (a soft affinity put it on worker nodes half of the
+    time in tests/integration/test_multinode.py's cluster)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(TeacherBoard).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(TeacherBoard).options(scheduling_strategy=here).remote()

@@ -3,84 +3,23 @@ from the bucket give the same samples as local ones; the demo schedule with its 
 its run.storage_path in the bucket, killed between its steps, resumed and evaluated from S3."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ray_stop, run_until_then_kill
+from tests.integration.conftest import (
+    BUCKET,
+    exists,
+    make_shards,
+    ray_stop,
+    read_json,
+    run_until_then_kill,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-BUCKET = "icd-runs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_env():
-    """A moto S3 server on loopback with one bucket; the environment that points boto3,
-    pyarrow and every Ray worker at it."""
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H",
-                               "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
-    try:
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                              aws_access_key_id="testing", aws_secret_access_key="testing",
-                              region_name="us-east-1")
-        for _ in range(100):  # the server takes a moment to listen
-            try:
-                client.create_bucket(Bucket=BUCKET)
-                break
-            except Exception:  # noqa: BLE001 - connection refused until it is up
-                assert server.poll() is None, "moto_server exited"
-                time.sleep(0.2)
-        yield env, client
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def exists(client, key) -> bool:
-    return client.list_objects_v2(Bucket=BUCKET, Prefix=key).get("KeyCount", 0) > 0
-
-
-def read_json(client, key):
-    return json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
-
-
-def upload_folder(client, folder: Path, prefix: str) -> str:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder)}")
-    return f"s3://{BUCKET}/{prefix}"
-
-
-def make_shards(tmp_path, client) -> tuple[str, str]:
-    """The demo's synthetic train/val shards (5 classes, 64x80), built locally and uploaded."""
-    from icd_dist.data.synthetic import build_synthetic
-
-    uris = []
-    for split, num, seed in (("train", 32, 0), ("val", 8, 1)):
-        build_synthetic(tmp_path / split, num, 5, (64, 80), seed=seed, progress=False)
-        uris.append(upload_folder(client, tmp_path / split, f"shards/{split}"))
-    return uris[0], uris[1]
-
-
 def test_shards_read_from_s3_equal_local(tmp_path, s3_env, monkeypatch):
     from icd_dist.data.torch_pipeline import AugmentConfig, ShardDataset, make_loader
 
