@@ -7,6 +7,10 @@ follows a fit: when a node that was alive at the fit's start is gone and a place
 has waited for resources for engine.node_loss_timeout_s, the run stops with one line naming
 the lost node and what to do. A replacement node (or an autoscaler's) ends the wait, and the
 step resumes from its last epoch checkpoint.
+
+The placement groups are the cluster's, not only this fit's (Ray Train's are unnamed): on a
+cluster shared with other waiting jobs, a node lost for good while they wait also counts;
+the bound (600 s by default) leaves an autoscaler time to replace a node first.
 """
 
 from __future__ import annotations
