@@ -62,7 +62,7 @@ def test_joint_has_nothing_to_search():
         sweep_space(load_config("configs/camvid/joint.yaml"))
 
 
-def test_space_forms_flat_nested_null_and_method():
+def test_space_forms_flat_nested_null_and_method(tmp_path):
     flat = load_config("configs/tune/demo.yaml", [
         "tune.space.loss.seg={choice: [unbiased_ce, pseudo_ce]}",
         "tune.space.optim.epochs_incremental={randint: [1, 3]}"])
@@ -82,18 +82,8 @@ def test_space_forms_flat_nested_null_and_method():
     assert [d.key for d in dropped.tune.space] == ["loss.icd.lambda_int"]
     assert load_config("configs/tune/demo.yaml", ["tune.space=method"]).tune.space == ()
     # the YAML a sweep writes loads back equal
-    assert load_config_text(dump_config(flat)) == flat
-
-
-def load_config_text(text, tmp=Path("/tmp")):
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=tmp, delete=False) as f:
-        f.write(text)
-    try:
-        return load_config(f.name)
-    finally:
-        Path(f.name).unlink()
+    (tmp_path / "sweep.yaml").write_text(dump_config(flat))
+    assert load_config(tmp_path / "sweep.yaml") == flat
 
 
 @pytest.mark.parametrize("override, message", [
