@@ -141,16 +141,19 @@ def run_schedule(cfg: Config, log: Log | None = None, on_step: StepCallback | No
     eval_keys = [k for _, keys in selections.values() for k in keys]
     check_shards(cfg, [(train_dir, train_manifest, train_keys),
                        (eval_dir, eval_manifest, eval_keys)], run_log)
-    identity = step0_identity(cfg, task, selected_keys(train_manifest, task, 0))
-    source = RunFolder(step0_from) if step0_from and not run.is_done(0) else None
+    step0_pending = not run.is_done(0)
+    source = RunFolder(step0_from) if step0_from and step0_pending else None
     trained_apart: list[str] = []
-    if source is not None:  # before the run folder or Ray: a refused source changes nothing
-        trained_apart = check_step0_source(cfg, task, source, identity)
+    if step0_pending:
+        keys0 = selections[0][0] if 0 in selections else selected_keys(train_manifest, task, 0)
+        identity = step0_identity(cfg, task, keys0)
+        if source is not None:  # before the run folder or Ray: a refusal changes nothing
+            trained_apart = check_step0_source(cfg, task, source, identity)
     run.write_config(dump_config(cfg))
     run_log.attach(run.storage)
-    if not run.is_done(0) and source is None:
+    if step0_pending and source is None:
         run.write_step0_identity(identity)
-    elif not run.is_done(0):
+    elif step0_pending:
         run.copy_step(0, source)  # with its identity.json, where it has one
         run_log(f"step 0: taken from {step0_from}")
         if trained_apart:

@@ -147,11 +147,6 @@ def trial_params(dims: Sequence[SearchDim], config: Mapping[str, object]) -> dic
     return params
 
 
-def with_params(cfg: Config, params: Mapping[str, object]) -> Config:
-    """`cfg` with the searched values (config key -> value) set by typed updates."""
-    return update(cfg, params)
-
-
 class PerScheduleASHA(FIFOScheduler):
     """ASHA per schedule: trials are compared only with trials of the same schedule (a 6-1
     step has other numbers than a 6-5 step), with the incremental step as the time axis.
@@ -230,9 +225,9 @@ def sweep_trial(config: dict, base: dict, sweep_root: str, cache_root: str,
     schedule = config["schedule"]
     params = trial_params(dims, config)
     trials = Storage(sweep_root).child("trials")
-    cfg = with_params(update(config_from_dict(base), {
+    cfg = update(config_from_dict(base), {
         "task.name": schedule, "run.name": trial_id, "run.storage_path": trials.uri(),
-        "logging.group": Path(sweep_root).name}), params)
+        "logging.group": Path(sweep_root).name, **params})
     run = trials.child(trial_id)
     run.makedirs()
     attempts = list(run.read_json("attempts.json")) if run.exists("attempts.json") else []
@@ -535,7 +530,7 @@ def summarize(cfg: Config, dims: Sequence[SearchDim], name: str, storage: Storag
 
 def _write_best(cfg: Config, storage: Storage, filename: str, schedule: str,
                 params: Mapping, run_name: str) -> str:
-    best = with_params(update(cfg, {"task.name": schedule, "run.name": run_name}), params)
+    best = update(cfg, {"task.name": schedule, "run.name": run_name, **params})
     storage.write_bytes(filename, dump_config(best).encode())
     return storage.uri(filename)
 

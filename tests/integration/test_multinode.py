@@ -122,18 +122,12 @@ def test_ray_job_submit_to_the_clusters_head_runs_the_demo_on_its_worker_nodes(t
 
 
 def _run_in_thread(cfg):
-    """run_schedule(cfg) in a thread; returns (thread, result dict filled when it ends)."""
-    import threading
+    """run_schedule(cfg) in the driver's fit thread class (launcher.FitThread: it keeps what
+    was raised); returns (thread, dict that gets "summary" when it ends)."""
+    from icd_dist.train.launcher import FitThread
 
     out: dict = {}
-
-    def target():
-        try:
-            out["summary"] = run_schedule(cfg, log=lambda m: None)
-        except BaseException as exc:  # noqa: BLE001 - the test reads it
-            out["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
+    thread = FitThread(lambda: out.update(summary=run_schedule(cfg, log=lambda m: None)))
     thread.start()
     return thread, out
 
@@ -169,7 +163,7 @@ def test_a_node_lost_mid_step_is_replaced_and_the_step_ends_bit_identical(tmp_pa
         cluster.remove_node(lost)
         replacement = cluster.add_node(num_cpus=1)
         thread.join(timeout=600)
-    assert "error" not in out, out.get("error")
+    assert thread.error is None, thread.error
     steps = out["summary"]["steps"]
     assert steps[1]["resumed_from_epoch"] == 2
     assert replacement.node_id in steps[1]["worker_nodes"] and held not in steps[1]["worker_nodes"]
@@ -187,7 +181,7 @@ def test_a_node_lost_with_no_replacement_stops_the_run_with_one_line(tmp_path, m
 
     with simulated_cluster(1, 1) as (cluster, _, workers):
         monkeypatch.setenv(FAILURE_ENV, "1:1:1:hold")
-        thread, out = _run_in_thread(tiny_config(
+        thread, _ = _run_in_thread(tiny_config(
             tmp_path, "run.name=lost", "engine.engine=ddp", "optim.epochs=1",
             "optim.epochs_incremental=3", "engine.max_failures=1",
             "engine.node_loss_timeout_s=10"))
@@ -195,7 +189,7 @@ def test_a_node_lost_with_no_replacement_stops_the_run_with_one_line(tmp_path, m
         cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == held))
         thread.join(timeout=120)  # the bound is 10 s
         assert not thread.is_alive(), "the run still waits for the lost node"
-    error = out.get("error")
+    error = thread.error
     assert isinstance(error, StepFailedError), error
     message = str(error)
     assert "\n" not in message

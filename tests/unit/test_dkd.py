@@ -652,7 +652,7 @@ def test_shipped_configs_carry_dkds_recipe():
 def test_sweep_searches_dkds_weights():
     from ray.tune.search.sample import Float
 
-    from icd_dist.train.sweep import search_space, sweep_space, with_params
+    from icd_dist.train.sweep import search_space, sweep_space
 
     cfg = load_config("configs/tune/camvid_dkd.yaml")
     space = search_space(sweep_space(cfg))
@@ -663,8 +663,8 @@ def test_sweep_searches_dkds_weights():
     # a decade either side of the camvid DKD config's incremental lr
     assert (space["optim.lr_incremental"].lower, space["optim.lr_incremental"].upper) == \
         pytest.approx((cfg.optim.lr_incremental / 10, cfg.optim.lr_incremental * 10))
-    tuned = with_params(cfg, {"loss.dkd.kd": 2.0, "loss.dkd.dkd_pos": 3.0,
-                              "loss.dkd.dkd_neg": 4.0})
+    tuned = update(cfg, {"loss.dkd.kd": 2.0, "loss.dkd.dkd_pos": 3.0,
+                         "loss.dkd.dkd_neg": 4.0})
     assert (tuned.loss.dkd.kd, tuned.loss.dkd.dkd_pos, tuned.loss.dkd.dkd_neg) == (2.0, 3.0, 4.0)
     # refused before anything starts: DKD weights for another method, MiB's for DKD
     icd = load_config("configs/tune/camvid_icd.yaml",

@@ -14,9 +14,10 @@ from icd_dist.config import (
     config_to_dict,
     dump_config,
     load_config,
+    update,
 )
 from icd_dist.methods import METHODS
-from icd_dist.train.sweep import _tune_option, search_space, sweep_space, trial_params, with_params
+from icd_dist.train.sweep import _tune_option, search_space, sweep_space, trial_params
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted(p for p in (ROOT / "configs" / "tune").glob("*.yaml")
@@ -180,11 +181,11 @@ def test_trial_values_become_a_typed_config():
     params = trial_params(dims, tune_config)
     assert params == {"loss.icd.lambda_int": 0.3, "loss.icd.stats": ["std", "max"],
                       "loss.seg": "pseudo_ce", "optim.epochs_incremental": 4}
-    tuned = with_params(cfg, params)
+    tuned = update(cfg, params)
     assert tuned.loss.icd.lambda_int == 0.3 and tuned.loss.icd.stats == ("std", "max")
     assert tuned.loss.seg == "pseudo_ce" and tuned.optim.epochs_incremental == 4
     with pytest.raises(ConfigError, match="loss.icd.gamma: unknown key"):
-        with_params(cfg, {"loss.icd.gamma": 1.0})
+        update(cfg, {"loss.icd.gamma": 1.0})
 
 
 def test_check_search_dim_types_the_values():
