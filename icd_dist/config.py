@@ -408,6 +408,9 @@ class TuneConfig:
     trial_cpus: float = non_negative(0.05, "a number >= 0")
     max_failures: int = ruled(1, lambda v: v >= -1, "an integer >= -1 (-1 = retry forever)")
     seed: int = 0
+    # true: the first trial runs this config's own values of the searched keys (e.g. a
+    # method's shipped weights), so the sweep's best is never below what it started from.
+    try_config_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -917,6 +920,16 @@ def update(cfg: Config, changes: Mapping[str, Any]) -> Config:
         cfg = _set(cfg, key.split("."), value, "")
     _cross_checks(cfg)
     return cfg
+
+
+def value_at(cfg: Config, key: str) -> Any:
+    """The value of the dotted config key `key` in `cfg` (a ConfigError naming it if it is not
+    a key of the schema)."""
+    _leaf(key)
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _set(node: Any, parts: list[str], value: Any, prefix: str) -> Any:

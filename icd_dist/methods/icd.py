@@ -27,11 +27,20 @@ class ICD(MiB):
 
     name = "icd"
     method_loss_keys = (*MiB.method_loss_keys, "loss.icd.")
-    # ICD_METHOD.md: lambda_int 1, lambda_ext 10, tau 1, on MiB's lambda_kd 10
+    # ICD_METHOD.md: lambda_int 1, lambda_ext 10, tau 1, on MiB's lambda_kd 10. Also the
+    # choices the abstract leaves open: which statistics the internal term matches (all,
+    # the per-channel ones, the per-pixel ones) and the segmentation loss (MiB's unbiased
+    # CE, or PLOP's pseudo-labelled CE: "previous methods distil features at the same level"
+    # is PLOP's POD). The bottoms of the weight ranges switch a term off in effect (L_int
+    # ~0.04, L_ext ~1e-3 against a CE near 1), so a search can turn a term down.
     search_weights = (SearchDim("loss.icd.lambda_int", "loguniform", (0.01, 100.0)),
                       SearchDim("loss.icd.lambda_ext", "loguniform", (0.1, 1000.0)),
                       SearchDim("loss.lambda_kd", "loguniform", (1.0, 100.0)),
-                      SearchDim("loss.icd.tau", "choice", (0.5, 1.0, 2.0)))
+                      SearchDim("loss.icd.tau", "choice", (0.5, 1.0, 2.0)),
+                      SearchDim("loss.icd.stats", "choice", (
+                          ("mean", "std", "max", "spatial_mean", "spatial_std"),
+                          ("mean", "std", "max"), ("spatial_mean", "spatial_std"))),
+                      SearchDim("loss.seg", "choice", ("unbiased_ce", "pseudo_ce")))
 
     def __init__(self, cfg: Config, task: Task, step: int):
         super().__init__(cfg, task, step)

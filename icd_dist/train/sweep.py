@@ -42,6 +42,7 @@ from icd_dist.config import (
     config_to_dict,
     dump_config,
     update,
+    value_at,
 )
 from icd_dist.css.tasks import task_from_config
 from icd_dist.data.inspect import manifest_spec, selected_keys
@@ -108,6 +109,23 @@ def sweep_space(cfg: Config) -> tuple[SearchDim, ...]:
                                   "(train/step0.py); search keys of the incremental steps "
                                   "(e.g. optim.lr_incremental), or sweep step 0 as runs")
     return dims
+
+
+def config_point(cfg: Config, dims: Sequence[SearchDim]) -> dict:
+    """`cfg`'s own values of the searched keys, as a point to evaluate first
+    (tune.try_config_first); a ConfigError naming the key where a value lies outside its
+    dimension (Optuna could not place it)."""
+    point = {}
+    for dim in dims:
+        value = value_at(cfg, dim.key)
+        inside = value in dim.values if dim.distribution == "choice" else \
+            dim.values[0] <= value <= dim.values[1]
+        if not inside:
+            raise ConfigError("tune.try_config_first", f"the config's {dim.key}={value!r} is "
+                              f"outside its search dimension ({dim.distribution} "
+                              f"{list(dim.values)}); widen the range or set it to false")
+        point[dim.key] = value
+    return point
 
 
 def _tune_option(value: object) -> object:
@@ -329,9 +347,11 @@ def _tuner(cfg: Config, trainable, space: dict, schedules: Sequence[str],
         from ray.tune.search.optuna import OptunaSearch
 
         param_space = {"schedule": tune.choice(list(schedules)), **space}
+        # Optuna's points name every dimension, the schedule too: each point on each schedule
         search = ConcurrencyLimiter(OptunaSearch(
             metric="score", mode="max", seed=t.seed,
-            points_to_evaluate=list(points or []) or None), max_concurrent=concurrency)
+            points_to_evaluate=[{"schedule": s, **p} for p in points or () for s in schedules]
+            or None), max_concurrent=concurrency)
     scheduler = PerScheduleASHA(last_steps, t.grace_period, t.reduction_factor) \
         if t.scheduler == "asha" else None
     mode = wandb_mode(cfg.logging.wandb)
@@ -367,6 +387,8 @@ def run_sweep(cfg: Config, log: Log | None = None,
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     dims = sweep_space(cfg)
+    if cfg.tune.try_config_first:
+        points = [config_point(cfg, dims), *(points or ())]
     name = sweep_name(cfg)
     storage = Storage(cfg.run.storage_path).child(name)
     storage.makedirs()
