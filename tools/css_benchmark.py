@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,10 +110,10 @@ SMOKE_IMAGES = {"train": 24, "heldout": 8, "val": 8}
 @dataclass
 class Job:
     """One `python -m icd_dist.run` (or, kind "eval", `python -m icd_dist.evaluate` on the
-    held-out set) invocation and what it produced."""
+    held-out set; kind "tune", `python -m icd_dist.tune`) invocation and what it produced."""
 
     key: str            # unique id, also the run name
-    kind: str           # step0 | joint | method | ablation | eval
+    kind: str           # step0 | joint | method | ablation | eval | tune
     label: str          # the row label (method name or ablation variant)
     task: str           # the task ("large-2s", ...), "step0-<family>" or "joint-<family>"
     seed: int
@@ -128,7 +130,8 @@ class Job:
         """The command line of this job."""
         if self.kind == "eval":
             return [python, "-m", "icd_dist.evaluate", *self.extra_args]
-        return [python, "-m", "icd_dist.run", "--config", self.config, *self.overrides,
+        module = "icd_dist.tune" if self.kind == "tune" else "icd_dist.run"
+        return [python, "-m", module, "--config", self.config, *self.overrides,
                 *self.extra_args]
 
 
@@ -176,9 +179,20 @@ def _ablation_key(task: str, overrides: list[str], seed: int) -> str:
     return f"{task}-icd-{slug.strip('-')}-s{seed}"
 
 
-def plan(args, shards: dict[str, Path], runs: Path) -> list[Job]:
+def tuned_key(overrides: Sequence[str]) -> str:
+    """A short, stable name of a set of chosen values (a run's key carries it, so that other
+    values never reuse its folder)."""
+    return hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
+
+
+def plan(args, shards: dict[str, Path], runs: Path,
+         tuned: Mapping[str, Sequence[str]] | None = None) -> list[Job]:
     """Every run of the benchmark, each followed by its held-out evaluation; in the order
-    they are started (evaluations as soon as their run is done, step-0 runs first)."""
+    they are started (evaluations as soon as their run is done, step-0 runs first).
+    `tuned`: per method, chosen values (key=value) that its continual runs take on top of
+    its borrowed config (configs/camvid/<task>_<method>_borrowed.yaml); their keys name the
+    values' tuned_key."""
+    tuned = tuned or {}
     common = [f"data.train_shards={shards['train']}", f"data.eval_shards={shards['val']}",
               f"run.storage_path={runs}", f"engine.launcher={args.launcher}",
               *(SMOKE_OVERRIDES if args.smoke else [])]
@@ -214,11 +228,14 @@ def plan(args, shards: dict[str, Path], runs: Path) -> list[Job]:
                                 [*base, f"run.name={key}"], family=fam))
             for task in fam_tasks:
                 for method in args.methods:
-                    key = f"{task}-{method}-s{seed}"
+                    chosen = list(tuned.get(method, ()))
+                    key = f"{task}-{method}-{tuned_key(chosen)}-s{seed}" if method in tuned \
+                        else f"{task}-{method}-s{seed}"
                     needs = own.get(method, step0)
-                    jobs.append(Job(key, "method", method, task, seed,
-                                    f"configs/camvid/{task}_{method}.yaml",
-                                    [*base, f"run.name={key}"],
+                    config = f"configs/camvid/{task}_{method}" + \
+                        ("_borrowed.yaml" if method in tuned else ".yaml")
+                    jobs.append(Job(key, "method", method, task, seed, config,
+                                    [*base, *chosen, f"run.name={key}"],
                                     ["--step0-from", str(runs / needs)], needs=needs,
                                     family=fam))
             if args.ablation_task and TASK_FAMILY[args.ablation_task] == fam:

@@ -562,17 +562,15 @@ def format_sweep_table(summary: Mapping) -> str:
     old/new/hIoU and the score), a line on how to read it, and the best weights."""
     names = sorted({k for r in summary["trials"] for k in r["params"]})
     labels = param_labels(names)
-    widths = {n: max(13, len(labels[n]) + 2) for n in names}
+    widths = {n: max(13, len(labels[n]) + 2,
+                     *(len(format_value(r["params"].get(n))) + 2 for r in summary["trials"]))
+              for n in names}
     head = f"{'trial':<14}{'schedule':>9}" + "".join(f"{labels[n]:>{widths[n]}}"
                                                       for n in names) + \
         f"{'status':>10}{'step':>6}{'old':>8}{'new':>8}{'hIoU':>8}{'score':>8}"
     lines = [head, "-" * len(head)]
     for r in summary["trials"]:
-        cells = ""
-        for n in names:
-            v = r["params"].get(n)
-            cells += f"{v:>{widths[n]}.4g}" if isinstance(v, float) else \
-                f"{format_value(v):>{widths[n]}}"
+        cells = "".join(f"{format_value(r['params'].get(n)):>{widths[n]}}" for n in names)
         last = r["steps"][-1] if r["steps"] else {}
         quality = "".join(f"{percent(last.get(k)):>8}" for k in ("miou_old", "miou_new", "hiou"))
         lines.append(f"{r['trial_id'][-14:]:<14}{r['schedule']:>9}{cells}{r['status']:>10}"

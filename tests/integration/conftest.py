@@ -1,13 +1,16 @@
 """Integration fixtures: a local Ray started and shut down by the tests that use it, and a
 tiny synthetic-data config."""
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -57,17 +60,44 @@ def local_ray():
         ray.shutdown()
 
 
-def ray_stop() -> None:
-    """`ray stop --force`: stop whatever Ray a killed driver left behind (its local cluster).
-    It stops every Ray of this machine, which is right for these sequential tests."""
-    ray = Path(sys.executable).with_name("ray")
-    subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+@pytest.fixture
+def own_ray():
+    """A RAY_TMPDIR of the test's own for the commands it starts (short: Ray's socket paths
+    under it must stay within 107 bytes), so that ray_stop stops their Ray alone; removed
+    afterwards."""
+    folder = tempfile.mkdtemp(prefix="rayk-", dir="/tmp")
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def ray_stop(env: Mapping[str, str]) -> None:
+    """Stop the Ray that commands started with `env` left behind (a killed driver's local
+    cluster): every process whose environment holds env's RAY_TMPDIR (own_ray), and no other
+    Ray of the machine: a sweep or a second test run beside these tests keeps its own."""
+    import psutil
+
+    folder = env["RAY_TMPDIR"]
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    victims = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid not in mine and proc.environ().get("RAY_TMPDIR") == folder:
+                victims.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(victims, timeout=60)
 
 
 def run_until_then_kill(cmd: list[str], cwd: Path, env: dict, log_path: Path,
                         ready: Callable[[], bool]) -> None:
     """Start `cmd` in its own session (stderr to log_path), wait until ready() holds, then
-    SIGKILL its whole process group (a driver dying mid-way) and stop the Ray it left.
+    SIGKILL its whole process group (a driver dying mid-way) and stop the Ray it left (env
+    names its own RAY_TMPDIR: ray_stop).
     Fails with the log's tail if the command exits before ready()."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True,
@@ -81,7 +111,7 @@ def run_until_then_kill(cmd: list[str], cwd: Path, env: dict, log_path: Path,
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        ray_stop()
+        ray_stop(env)
 
 
 # S3 (moto) storage, for the tests of remote storage and of sweeps across nodes

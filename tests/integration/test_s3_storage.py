@@ -44,8 +44,9 @@ def test_shards_read_from_s3_equal_local(tmp_path, s3_env, monkeypatch):
     assert batches[0].labels.equal(batches[1].labels)
 
 
-def test_demo_on_s3_killed_between_steps_resumes_and_evaluates(tmp_path, s3_env):
+def test_demo_on_s3_killed_between_steps_resumes_and_evaluates(tmp_path, s3_env, own_ray):
     env, client = s3_env
+    env = {**env, "RAY_TMPDIR": own_ray}
     train_uri, val_uri = make_shards(tmp_path, client)
     run = [sys.executable, "-m", "icd_dist.run", "--config", "configs/demo.yaml",
            f"run.storage_path=s3://{BUCKET}/runs", f"data.train_shards={train_uri}",
@@ -59,7 +60,7 @@ def test_demo_on_s3_killed_between_steps_resumes_and_evaluates(tmp_path, s3_env)
         second = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=900)
     finally:
-        ray_stop()
+        ray_stop(env)
     assert second.returncode == 0, second.stderr[-4000:]
     assert "step 0: already complete, skipped" in second.stderr
     summary = read_json(client, "runs/demo/summary.json")

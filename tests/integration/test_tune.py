@@ -52,8 +52,9 @@ def terminated_trials(sweep: Path) -> set[str]:
     return done
 
 
-def test_sweep_shares_step0_survives_driver_kill_and_writes_runnable_best(tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
+def test_sweep_shares_step0_survives_driver_kill_and_writes_runnable_best(tmp_path, own_ray):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
+           "RAY_TMPDIR": own_ray}
     sweep = tmp_path / "runs" / "tune-demo-plop"
     # Kill the driver once at least one trial is recorded finished and the sweep is not.
     run_until_then_kill(tune_cmd(tmp_path, *SWEEP), ROOT, env, tmp_path / "first.log",
@@ -66,7 +67,7 @@ def test_sweep_shares_step0_survives_driver_kill_and_writes_runnable_best(tmp_pa
         resumed = subprocess.run(tune_cmd(tmp_path, *SWEEP), cwd=ROOT, env=env,
                                  capture_output=True, text=True, timeout=900)
     finally:
-        ray_stop()
+        ray_stop(env)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming" in resumed.stderr
     # The console, first run and resumed: the sweep's lines (one per trial step among them),

@@ -193,3 +193,22 @@ def test_check_search_dim_types_the_values():
     assert dim.values == (1.0, 2.0) and all(type(v) is float for v in dim.values)
     with pytest.raises(ConfigError, match="tune.space.loss.icd.tau: choice needs"):
         check_search_dim(SearchDim("loss.icd.tau", "choice", ()))
+
+
+def test_try_config_first_puts_the_configs_own_values_first():
+    from icd_dist.train.sweep import config_point
+
+    cfg = load_config("configs/tune/camvid-large_icd.yaml")
+    point = config_point(cfg, sweep_space(cfg))
+    assert point == {"loss.icd.lambda_int": 1.0, "loss.icd.lambda_ext": 10.0,
+                     "loss.lambda_kd": 10.0, "loss.icd.tau": 1.0,
+                     "loss.icd.stats": ("mean", "std", "max", "spatial_mean", "spatial_std"),
+                     "loss.seg": "unbiased_ce", "optim.lr_incremental": 0.0005}
+    # a value the space cannot hold is an error naming the key, not a silent new point
+    outside = update(cfg, {"loss.icd.stats": ("max",)})
+    with pytest.raises(ConfigError, match=r"tune.try_config_first: the config's "
+                       r"loss.icd.stats=\('max',\) is outside its search dimension"):
+        config_point(outside, sweep_space(outside))
+    wide = update(cfg, {"loss.lambda_kd": 500.0})
+    with pytest.raises(ConfigError, match="loss.lambda_kd=500.0 is outside"):
+        config_point(wide, sweep_space(wide))
