@@ -185,14 +185,42 @@ def tuned_key(overrides: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
 
 
+def method_config(task: str, method: str, borrowed: bool) -> str:
+    """The config of `method` on `task`: configs/camvid/<task>_<method>.yaml (the shipped
+    values: the tuning study's where it tuned them), or with `borrowed` its authors' VOC values
+    (<task>_<method>_borrowed.yaml) where the study replaced them."""
+    name = f"configs/camvid/{task}_{method}"
+    return f"{name}_borrowed.yaml" if borrowed and (ROOT / f"{name}_borrowed.yaml").is_file() \
+        else f"{name}.yaml"
+
+
+def run_tag(task: str, method: str, config: str, chosen: Sequence[str]) -> str:
+    """What a method run's key carries besides task, method and seed, so that runs of other
+    values never share a folder (a finished run is reused by its key): the tuned_key of
+    chosen values; where a borrowed config exists and its values differ from the shipped
+    one's, "borrowed-" for it and "tuned-<hash of the shipped file>-" for the shipped one;
+    nothing where no other values exist."""
+    from icd_dist.config import load_config
+
+    if chosen:
+        return f"{tuned_key(chosen)}-"
+    other = method_config(task, method, not config.endswith("_borrowed.yaml"))
+    if other == config or load_config(ROOT / other) == load_config(ROOT / config):
+        return ""
+    if config.endswith("_borrowed.yaml"):
+        return "borrowed-"
+    return f"tuned-{tuned_key([(ROOT / config).read_text()])}-"
+
+
 def plan(args, shards: dict[str, Path], runs: Path,
          tuned: Mapping[str, Sequence[str]] | None = None) -> list[Job]:
     """Every run of the benchmark, each followed by its held-out evaluation; in the order
     they are started (evaluations as soon as their run is done, step-0 runs first).
     `tuned`: per method, chosen values (key=value) that its continual runs take on top of
     its borrowed config (configs/camvid/<task>_<method>_borrowed.yaml); their keys name the
-    values' tuned_key."""
+    values' tuned_key. args.settings "borrowed": every method on its borrowed config."""
     tuned = tuned or {}
+    borrowed = getattr(args, "settings", "shipped") == "borrowed"
     common = [f"data.train_shards={shards['train']}", f"data.eval_shards={shards['val']}",
               f"run.storage_path={runs}", f"engine.launcher={args.launcher}",
               *(SMOKE_OVERRIDES if args.smoke else [])]
@@ -229,11 +257,9 @@ def plan(args, shards: dict[str, Path], runs: Path,
             for task in fam_tasks:
                 for method in args.methods:
                     chosen = list(tuned.get(method, ()))
-                    key = f"{task}-{method}-{tuned_key(chosen)}-s{seed}" if method in tuned \
-                        else f"{task}-{method}-s{seed}"
+                    config = method_config(task, method, borrowed or method in tuned)
+                    key = f"{task}-{method}-{run_tag(task, method, config, chosen)}s{seed}"
                     needs = own.get(method, step0)
-                    config = f"configs/camvid/{task}_{method}" + \
-                        ("_borrowed.yaml" if method in tuned else ".yaml")
                     jobs.append(Job(key, "method", method, task, seed, config,
                                     [*base, *chosen, f"run.name={key}"],
                                     ["--step0-from", str(runs / needs)], needs=needs,
@@ -242,7 +268,7 @@ def plan(args, shards: dict[str, Path], runs: Path,
                 for label, overrides in ABLATION:
                     key = _ablation_key(args.ablation_task, overrides, seed)
                     jobs.append(Job(key, "ablation", label, args.ablation_task, seed,
-                                    f"configs/camvid/{args.ablation_task}_icd.yaml",
+                                    method_config(args.ablation_task, "icd", borrowed),
                                     [*base, *overrides, f"run.name={key}"],
                                     ["--step0-from", str(runs / step0)], needs=step0,
                                     family=fam))
@@ -678,6 +704,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launcher", choices=["local", "ray"], default="local",
                    help="engine.launcher of every run: local = each run in its own process "
                         "(no Ray), ray = on one local Ray cluster the tool starts")
+    p.add_argument("--settings", choices=["shipped", "borrowed"], default="shipped",
+                   help="the methods' values: shipped (configs/camvid/<task>_<method>.yaml, "
+                        "tuned by tools/css_tuned.py on the large tasks) or borrowed (their "
+                        "authors' VOC values, <task>_<method>_borrowed.yaml where they differ)")
     p.add_argument("--smoke", action="store_true", help="ft and icd on large-2s only, tiny "
                    "budget and data, no joint and no ablation: an end-to-end check")
     args = p.parse_args(argv)

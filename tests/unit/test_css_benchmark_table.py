@@ -255,3 +255,36 @@ def test_every_planned_run_reuses_a_step0_of_its_own_step0_identity(bench, tmp_p
     for j in reusing:
         assert identity(j) == identity(jobs[j.needs]), (
             j.key, identity_differences(identity(j), identity(jobs[j.needs])))
+
+
+def test_settings_pick_shipped_or_borrowed_configs_and_keep_their_runs_apart(bench, tmp_path,
+                                                                          monkeypatch):
+    import shutil
+
+    root = Path(__file__).resolve().parents[2]
+    shutil.copytree(root / "configs", tmp_path / "configs")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    shards = {"train": tmp_path / "t", "val": tmp_path / "v", "heldout": tmp_path / "h"}
+
+    def keys(settings, tuned=None):
+        jobs = bench.plan(_args(methods=["ft", "mib"], settings=settings), shards,
+                          tmp_path / "r", tuned)
+        return {(j.label, j.key, j.config) for j in jobs if j.kind == "method"}
+
+    # shipped values equal to the borrowed ones: the plain keys, whichever file is read
+    assert keys("shipped") == {("ft", "large-2s-ft-s0", "configs/camvid/large-2s_ft.yaml"),
+                               ("mib", "large-2s-mib-s0", "configs/camvid/large-2s_mib.yaml")}
+    assert keys("borrowed") == {
+        ("ft", "large-2s-ft-s0", "configs/camvid/large-2s_ft.yaml"),
+        ("mib", "large-2s-mib-s0", "configs/camvid/large-2s_mib_borrowed.yaml")}
+    # the study's values in the shipped file: its runs and the borrowed ones never share a key
+    shipped = tmp_path / "configs/camvid/large-2s_mib.yaml"
+    shipped.write_text(shipped.read_text() + "loss: {lambda_kd: 3.0}\n")
+    tag = bench.tuned_key([shipped.read_text()])
+    assert ("mib", f"large-2s-mib-tuned-{tag}-s0", "configs/camvid/large-2s_mib.yaml") in \
+        keys("shipped")
+    assert ("mib", "large-2s-mib-borrowed-s0", "configs/camvid/large-2s_mib_borrowed.yaml") \
+        in keys("borrowed")
+    chosen = ["loss.lambda_kd=7.0"]
+    assert ("mib", f"large-2s-mib-{bench.tuned_key(chosen)}-s0",
+            "configs/camvid/large-2s_mib_borrowed.yaml") in keys("shipped", {"mib": chosen})
