@@ -294,11 +294,14 @@ def run_search(args, shards: Mapping[str, Path], env: dict, timings: dict) -> di
         print(f"sweeps to run: {', '.join(j.label for j in todo)} ({args.trials} trials each, "
               f"{args.parallel} at a time); logs in {args.work / 'logs'}", flush=True)
         started = time.perf_counter()
-        bench.run_jobs(todo, args.parallel, env, args.work / "logs")
-        for job in todo:
-            timings.setdefault("sweeps", {})[job.label] = job.wall_s
-        timings["search_s"] = timings.get("search_s", 0.0) + time.perf_counter() - started
-        save_timings(args.work, timings)
+        try:
+            bench.run_jobs(todo, args.parallel, env, args.work / "logs")
+        finally:  # a study cut short keeps the time it spent
+            for job in (j for j in todo if j.wall_s is not None):
+                timings.setdefault("sweeps", {})[job.label] = \
+                    timings.get("sweeps", {}).get(job.label, 0.0) + job.wall_s
+            timings["search_s"] = timings.get("search_s", 0.0) + time.perf_counter() - started
+            save_timings(args.work, timings)
     summaries = {m: read_sweep(sweeps / sweep_name(m)) for m in args.methods}
     unfinished = [m for m, s in summaries.items() if not sweep_finished(s, args.trials)]
     if unfinished:
@@ -307,23 +310,41 @@ def run_search(args, shards: Mapping[str, Path], env: dict, timings: dict) -> di
     return summaries
 
 
+def fresh_jobs(methods: Sequence[str], seeds: Sequence[int], smoke: bool,
+               shards: Mapping[str, Path], runs: Path, chosen: Mapping[str, Mapping]) -> list:
+    """The fresh seeds' runs (css_benchmark's plan: the chosen values on each method's
+    borrowed config, ft and joint beside them, each run then evaluated on the held-out
+    drive), in the order the readings need them, so that a study cut short still answers
+    large-2s: the step 0s, the tuned methods on large-2s, then on large-4s, then ft, then
+    joint (evaluations start as soon as their run ends)."""
+    plan_args = argparse.Namespace(
+        seeds=list(seeds), tasks=list(FRESH_TASKS), ablation_task=None, smoke=smoke,
+        launcher="local", joint=not smoke, methods=[*([] if smoke else ["ft"]), *methods])
+    tuned = {m: overrides_of(c["params"]) for m, c in chosen.items()}
+
+    def rank(job) -> int:
+        if job.kind in ("eval", "step0"):
+            return 0 if job.kind == "eval" else 1
+        if job.kind == "joint":
+            return 5
+        return 4 if job.label == "ft" else 2 + FRESH_TASKS.index(job.task)
+
+    return sorted(bench.plan(plan_args, shards, runs, tuned), key=rank)
+
+
 def run_fresh(args, shards: Mapping[str, Path], chosen: Mapping[str, Mapping], env: dict,
               timings: dict) -> tuple[list[dict], list[bench.Job]]:
-    """The chosen values on the fresh seeds (css_benchmark's runs, ft and joint beside
-    them); the table rows and the run jobs."""
+    """Run (or reuse) the fresh seeds' runs (fresh_jobs); the table rows and the run jobs."""
     runs, logs = args.work / "runs", args.work / "logs"
-    plan_args = argparse.Namespace(
-        seeds=args.seeds, tasks=list(FRESH_TASKS), ablation_task=None, smoke=args.smoke,
-        launcher="local", joint=not args.smoke,
-        methods=[*([] if args.smoke else ["ft"]), *args.methods])
-    tuned = {m: overrides_of(c["params"]) for m, c in chosen.items()}
-    jobs = bench.plan(plan_args, shards, runs, tuned)
+    jobs = fresh_jobs(args.methods, args.seeds, args.smoke, shards, runs, chosen)
     print(f"fresh seeds {args.seeds}: {sum(j.kind != 'eval' for j in jobs)} runs and their "
           f"held-out evaluations, {args.parallel} at a time; logs in {logs}", flush=True)
     started = time.perf_counter()
-    bench.run_jobs(jobs, args.parallel, {**env, "WANDB_MODE": "disabled"}, logs)
-    timings["fresh_s"] = time.perf_counter() - started
-    save_timings(args.work, timings)
+    try:
+        bench.run_jobs(jobs, args.parallel, {**env, "WANDB_MODE": "disabled"}, logs)
+    finally:  # a study cut short keeps the time it spent
+        timings["fresh_s"] = timings.get("fresh_s", 0.0) + time.perf_counter() - started
+        save_timings(args.work, timings)
     jobs = bench.read_outputs(jobs, runs, logs)
     old_names = {}
     for job in (j for j in jobs if j.kind == "step0"):

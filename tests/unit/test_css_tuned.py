@@ -179,3 +179,29 @@ def test_readings_say_above_below_or_not_separable(tuned):
         lines[3]
     assert lines[4] == ("Tuned DKD on large-2s: val new-class mIoU 12.5 (below 20: it does "
                         "not learn its new classes at this budget)")
+
+
+def test_fresh_runs_come_in_the_order_the_readings_need(tuned, tmp_path):
+    chosen = {"mib": {"params": {"loss.lambda_kd": 4.0}},
+              "dkd": {"params": {"loss.dkd.pos_weight": 30.0}}}
+    jobs = tuned.fresh_jobs(["mib", "dkd"], [0, 1], False, _shards(tmp_path), tmp_path / "r",
+                            chosen)
+    trained = [j for j in jobs if j.kind != "eval"]
+    order = [(j.kind, j.label, j.task) for j in trained]
+    stages = [{"step0"}, {("mib", "large-2s"), ("dkd", "large-2s")},
+              {("mib", "large-4s"), ("dkd", "large-4s")}, {("ft", "large-2s"),
+                                                            ("ft", "large-4s")}, {"joint"}]
+
+    def stage(kind, label, task):
+        key = kind if kind in ("step0", "joint") else (label, task)
+        return next(i for i, s in enumerate(stages) if key in s)
+
+    assert [stage(*o) for o in order] == sorted(stage(*o) for o in order)
+    assert {stage(*o) for o in order} == set(range(5))
+    assert len(trained) == 2 * (2 + 1 + 3 * 2)  # per seed: 2 step 0s, joint, 3 methods x 2
+    assert all(j.kind == "eval" for j in jobs[:len(jobs) - len(trained)])
+    # the chosen values on the borrowed config; ft as the benchmark runs it
+    dkd = next(j for j in trained if j.label == "dkd" and j.task == "large-4s")
+    assert "loss.dkd.pos_weight=30.0" in dkd.overrides
+    assert dkd.config == "configs/camvid/large-4s_dkd_borrowed.yaml"
+    assert dkd.needs == "step0-dkd-large-s0" or dkd.needs == "step0-dkd-large-s1"
