@@ -270,6 +270,46 @@ def search_markdown(sweeps: Mapping[str, Mapping], chosen: Mapping[str, Mapping]
     return "\n".join(out)
 
 
+def write_configs(chosen: Mapping[str, Mapping], root: Path = ROOT) -> list[Path]:
+    """The shipped configs configs/camvid/<task>_<method>.yaml of the study's tasks, each its
+    borrowed file's bases with the chosen values (nested keys) on top."""
+    import yaml
+
+    written = []
+    for task in FRESH_TASKS:
+        for method, choice in chosen.items():
+            borrowed = root / "configs" / "camvid" / f"{task}_{method}_borrowed.yaml"
+            nested: dict = {"bases": yaml.safe_load(borrowed.read_text())["bases"]}
+            extra = {k: v for k, v in yaml.safe_load(borrowed.read_text()).items()
+                     if k != "bases"}
+            for key, value in [*_flatten(extra), *sorted(choice["params"].items())]:
+                node = nested
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+            path = borrowed.with_name(f"{task}_{method}.yaml")
+            path.write_text(
+                f"# {method} on CamVid {task} at the values the tuning study chose for it "
+                f"(tools/css_tuned.py:\n# trial {choice['index']} of its sweep on large-2s, "
+                f"val all-mIoU {100 * choice['score']:.1f}; "
+                "tools/results/css_tuned/results.md).\n"
+                f"# Its authors' VOC values: {borrowed.name}.\n"
+                + yaml.safe_dump(nested, sort_keys=False, default_flow_style=None))
+            written.append(path)
+    return written
+
+
+def _flatten(mapping: Mapping, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 def load_timings(work: Path) -> dict:
     """Seconds each phase and sweep took when it ran (kept across resumed runs)."""
     path = work / TIMINGS
@@ -404,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="search: the sweeps and their choices only")
     p.add_argument("--parallel", type=int, default=2, help="sweeps or runs at a time (one "
                    "core each)")
+    p.add_argument("--write-configs", action="store_true", help="write the chosen values "
+                   "into the shipped configs/camvid/<task>_<method>.yaml of large-2s and "
+                   "large-4s (bases and values of the borrowed files, the choice on top)")
     p.add_argument("--smoke", action="store_true", help="mib and icd, 2 trials, seed 0, tiny "
                    "budgets and data, no ft or joint: an end-to-end check")
     args = p.parse_args(argv)
@@ -432,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     sweeps = run_search(args, shards, env, timings)
     chosen = {m: choose(s) for m, s in sweeps.items()}
     downs = turned_down(sweeps["icd"], chosen["icd"]) if "icd" in sweeps else []
+    if args.write_configs:
+        for path in write_configs(chosen):
+            print(f"wrote {path.relative_to(ROOT)}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     figures = [plot_search(s, chosen[m], args.out / f"search_{m}.png").name
                for m, s in sweeps.items()]

@@ -205,3 +205,29 @@ def test_fresh_runs_come_in_the_order_the_readings_need(tuned, tmp_path):
     assert "loss.dkd.pos_weight=30.0" in dkd.overrides
     assert dkd.config == "configs/camvid/large-4s_dkd_borrowed.yaml"
     assert dkd.needs == "step0-dkd-large-s0" or dkd.needs == "step0-dkd-large-s1"
+
+
+def test_written_configs_are_the_borrowed_ones_with_the_chosen_values(tuned, tmp_path):
+    import shutil
+
+    from icd_dist.config import load_config, update
+
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    chosen = {"dkd": {"index": 7, "score": 0.62, "params": {
+        "loss.dkd.pos_weight": 30.87, "loss.dkd.kd": 0.7468, "optim.lr_incremental": 0.002748}},
+        "icd": {"index": 3, "score": 0.7, "params": {
+            "loss.icd.stats": ["mean", "std", "max"], "loss.seg": "pseudo_ce",
+            "loss.icd.lambda_int": 0.0123}}}
+    written = tuned.write_configs(chosen, tmp_path)
+    assert len(written) == 4
+    for task in tuned.FRESH_TASKS:
+        for method, choice in chosen.items():
+            shipped = load_config(tmp_path / f"configs/camvid/{task}_{method}.yaml")
+            borrowed = load_config(tmp_path / f"configs/camvid/{task}_{method}_borrowed.yaml")
+            values = {k: tuple(v) if isinstance(v, list) else v
+                      for k, v in choice["params"].items()}
+            assert shipped == update(borrowed, values)
+    # DKD's CamVid recipe (head_lr_factor 1) is kept beside the chosen values
+    assert load_config(tmp_path / "configs/camvid/large-4s_dkd.yaml").loss.dkd.head_lr_factor \
+        == 1.0
+    assert "trial 7" in (tmp_path / "configs/camvid/large-2s_dkd.yaml").read_text()
