@@ -135,6 +135,24 @@ class Job:
                 *self.extra_args]
 
 
+def camvid_missing(camvid: Path) -> bool:
+    """Whether `camvid` lacks CamVid (then the reason is printed to stderr)."""
+    if (camvid / "train.txt").is_file():
+        return False
+    print(f"error: no CamVid at {camvid} (need train.txt, val.txt and the images; see "
+          "../shared/data/camvid/README.md)", file=sys.stderr)
+    return True
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment of the jobs: this checkout first on PYTHONPATH (its icd_dist, whatever
+    is installed), DeepSpeed's CPU accelerator, and `extra`."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep)
+    return env
+
+
 def split_lists(camvid: Path, smoke: bool) -> dict[str, list[str]]:
     """The sample lines ("IMAGE LABEL") of the three sets: train = CamVid train without drive
     HELDOUT_DRIVE, heldout = that drive, val = CamVid val."""
@@ -724,9 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         args.methods.append("icd")  # the ablation's reference row
     if args.ablation_task and args.ablation_task not in args.tasks:
         args.tasks.append(args.ablation_task)  # the full ICD row it is paired with
-    if not (args.camvid / "train.txt").is_file():
-        print(f"error: no CamVid at {args.camvid} (need train.txt, val.txt and the images; "
-              "see ../shared/data/camvid/README.md)", file=sys.stderr)
+    if camvid_missing(args.camvid):
         return 2
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -738,9 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{sum(j.kind != 'eval' for j in jobs)} runs and their held-out evaluations, "
           f"{args.parallel} at a time; logs in {logs}", flush=True)
 
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep)
+    env = job_env(WANDB_MODE="disabled")
     head, ray_temp = start_ray(args.parallel, env, logs / "ray_head.log") \
         if args.launcher == "ray" else (None, None)
     try:

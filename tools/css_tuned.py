@@ -459,17 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.work if args.smoke else ROOT / "tools" / "results" / "css_tuned"
     if 100 in args.seeds:
         p.error("seed 100 is the sweeps' seed; the fresh seeds must differ")
-    if not (args.camvid / "train.txt").is_file():
-        print(f"error: no CamVid at {args.camvid} (need train.txt, val.txt and the images; "
-              "see ../shared/data/camvid/README.md)", file=sys.stderr)
+    if bench.camvid_missing(args.camvid):
         return 2
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     sets = bench.split_lists(args.camvid.resolve(), args.smoke)
     shards = bench.build_shards(args.camvid.resolve(), args.work, sets)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep)
+    env = bench.job_env()  # the sweeps log to W&B offline (the fresh runs do not)
     timings = load_timings(args.work)
 
     sweeps = run_search(args, shards, env, timings)

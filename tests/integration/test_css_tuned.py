@@ -12,21 +12,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import camvid_root
+
 ROOT = Path(__file__).resolve().parents[2]
-CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.skipif(not (CAMVID / "train.txt").is_file(),
-                    reason=f"CamVid not found at {CAMVID} (../shared/data/camvid beside the "
-                           "repository)")
 def test_smoke_study_tunes_each_method_equally_and_judges_the_choice_on_a_fresh_seed(tmp_path):
     from icd_dist.config import load_config
     from icd_dist.train.sweep import config_point, sweep_space
 
     out, work = tmp_path / "out", tmp_path / "work"
-    command = [sys.executable, "tools/css_tuned.py", "--smoke", "--work", str(work), "--out",
-               str(out)]
+    command = [sys.executable, "tools/css_tuned.py", "--smoke", "--camvid", str(camvid_root()),
+               "--work", str(work), "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, env={**os.environ}, capture_output=True, text=True,
                           timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
