@@ -54,8 +54,9 @@ TUNED = ("mib", "plop", "icd", "dkd")
 SEARCH_TASK = "large-2s"
 FRESH_TASKS = ("large-2s", "large-4s")
 SWEEP_CONFIG = "configs/tune/camvid-large_{method}.yaml"
-# A weight whose chosen value lies in the lowest tenth of its (log) range was turned down.
-BOTTOM = 0.1
+# A chosen value in the lowest (highest) tenth of its (log) range sits at its bottom (top):
+# a weight at the bottom was turned down; at either edge the range may have been too narrow.
+EDGE = 0.1
 # --smoke: two methods, two trials each, one fresh seed, tiny budgets and data.
 SMOKE_METHODS = ("mib", "icd")
 SMOKE_TRIALS = 2
@@ -143,17 +144,23 @@ def range_positions(space: Mapping[str, Mapping], params: Mapping[str, object]) 
     return out
 
 
-def turned_down(sweep: Mapping, chosen: Mapping) -> list[dict]:
-    """The searched weights of `sweep` (not optim.*) with the chosen value's position in its
-    range and the positions in the best three trials; `bottom` when the chosen value lies
-    in the lowest BOTTOM of the range."""
+def weight_positions(sweep: Mapping, chosen: Mapping) -> list[dict]:
+    """Every numeric searched value of `sweep`'s chosen trial: its position in its range, the
+    positions in the best three trials, and `edge` ("bottom" or "top" within EDGE of an end,
+    else None)."""
     done = sorted((t for t in sweep["trials"] if t["score"] is not None),
                   key=lambda t: -t["score"])[:3]
     pos = range_positions(sweep["space"], chosen["params"])
     return [{"key": key, "chosen": chosen["params"][key], "position": p,
              "top3_positions": [range_positions(sweep["space"], t["params"])[key] for t in done],
-             "bottom": p < BOTTOM}
-            for key, p in pos.items() if not key.startswith("optim.")]
+             "edge": "bottom" if p < EDGE else "top" if p > 1 - EDGE else None}
+            for key, p in pos.items()]
+
+
+def turned_down(positions: Sequence[Mapping]) -> list[str]:
+    """The weights (not optim.*) chosen at the bottom of their range."""
+    return [p["key"] for p in positions if p["edge"] == "bottom"
+            and not p["key"].startswith("optim.")]
 
 
 def plot_search(sweep: Mapping, chosen: Mapping, path: Path) -> Path:
@@ -238,9 +245,9 @@ def _pct(v: float | None) -> str:
 
 
 def search_markdown(sweeps: Mapping[str, Mapping], chosen: Mapping[str, Mapping],
-                    downs: Sequence[dict]) -> str:
-    """The search section: per method its trials (values, val old/new/all), the chosen
-    values, and ICD's weights the search turned down."""
+                    positions: Mapping[str, Sequence[Mapping]]) -> str:
+    """The search section: per method its trials (values, val old/new/all), and where the
+    chosen values lie in their ranges (weights turned down, values at an edge)."""
     out = []
     for method, sweep in sweeps.items():
         keys = list(sweep["space"])
@@ -257,16 +264,18 @@ def search_markdown(sweeps: Mapping[str, Mapping], chosen: Mapping[str, Mapping]
                          + " | ".join(quality) + f" | {_pct(t['score'])} |\n")
         space = ", ".join(f"{k} {kind} {values}" for k, d in sweep["space"].items()
                           for kind, values in d.items())
+        ranges = [f"- {d['key']}: chosen {format_value(d['chosen'])}, at {d['position']:.2f} "
+                  "of its range (0 = bottom, 1 = top); the best three trials at "
+                  + ", ".join(f"{p:.2f}" for p in d["top3_positions"])
+                  + {"bottom": " - **at the bottom**"
+                     + ("" if d["key"].startswith("optim.") else ": turned down"),
+                     "top": " - **at the top**", None: ""}[d["edge"]]
+                  for d in positions.get(method, ())]
         out.append(f"**{method}** ({len(sweep['trials'])} trials; space: {space})\n\n"
                    + head + "".join(lines)
+                   + ("\nChosen values in their ranges:\n\n" + "\n".join(ranges) + "\n"
+                      if ranges else "")
                    + f"\n![{method} search](search_{method}.png)\n")
-    if downs:
-        lines = [f"- {d['key']}: chosen {format_value(d['chosen'])}, at {d['position']:.2f} of its "
-                 f"range (0 = bottom); best three trials at "
-                 + ", ".join(f"{p:.2f}" for p in d["top3_positions"])
-                 + (" - **turned down**" if d["bottom"] else "") for d in downs]
-        out.append("**ICD's weights in the search** (position of the value in its log range):"
-                   "\n\n" + "\n".join(lines) + "\n")
     return "\n".join(out)
 
 
@@ -392,10 +401,12 @@ def run_fresh(args, shards: Mapping[str, Path], chosen: Mapping[str, Mapping], e
     return bench.aggregate(jobs, old_names), jobs
 
 
-def answers(rows: Sequence[Mapping], pairs: Sequence[Mapping], chosen: Mapping) -> list[str]:
+def answers(rows: Sequence[Mapping], pairs: Sequence[Mapping], chosen: Mapping,
+            turned: Sequence[str] = ()) -> list[str]:
     """The readings the study exists for: ICD against MiB and PLOP, tuned, on each task and
     eval set (all-mIoU, the paired rule); whether some ICD trial beat MiB's best in the
-    search; whether tuned DKD learns its new classes."""
+    search and which of ICD's weights it turned down (`turned`); whether tuned DKD learns its
+    new classes."""
     out = []
     if "icd" in chosen and "mib" in chosen:
         icd, mib = chosen["icd"]["score"], chosen["mib"]["score"]
@@ -403,6 +414,9 @@ def answers(rows: Sequence[Mapping], pairs: Sequence[Mapping], chosen: Mapping) 
                    f"trial {100 * mib:.1f}: "
                    + ("an ICD configuration beat tuned MiB." if icd > mib else
                       "no ICD configuration beat tuned MiB."))
+    if turned:
+        out.append("ICD's search turned down (chosen at the bottom of the range): "
+                   + ", ".join(turned))
     for task in FRESH_TASKS:
         for other in ("mib", "plop"):
             for eval_set in bench.EVAL_SETS:
@@ -470,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sweeps = run_search(args, shards, env, timings)
     chosen = {m: choose(s) for m, s in sweeps.items()}
-    downs = turned_down(sweeps["icd"], chosen["icd"]) if "icd" in sweeps else []
+    positions = {m: weight_positions(s, chosen[m]) for m, s in sweeps.items()}
     if args.write_configs:
         for path in write_configs(chosen):
             print(f"wrote {path.relative_to(ROOT)}", flush=True)
@@ -489,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             figures.append(f.name)
     device = f"CPU: {cpu_name()}, {os.cpu_count()} cores"
     command = "python tools/css_tuned.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    readings = answers(rows, pairs, chosen)
+    readings = answers(rows, pairs, chosen, turned_down(positions.get("icd", ())))
     meta = {"command": command.strip(), "date": dt.date.today().isoformat(), "device": device,
             "versions": bench.versions(), "phase": args.phase, "smoke": args.smoke,
             "trials_per_method": args.trials, "search_seed": 100, "search_task": SEARCH_TASK,
@@ -499,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             "parallel": args.parallel, "timings_s": timings, "figures": figures,
             "wandb_groups": {m: s["sweep"] for m, s in sweeps.items()}}
     (args.out / "results.json").write_text(json.dumps(
-        {**meta, "sweeps": sweeps, "chosen": chosen, "icd_turned_down": downs,
+        {**meta, "sweeps": sweeps, "chosen": chosen, "positions": positions,
+         "icd_turned_down": turned_down(positions.get("icd", ())),
          "readings": readings, "rows": rows, "paired": pairs,
          "per_step_large-4s": per_step(rows, jobs, "large-4s") if rows else {}},
         indent=2))
@@ -515,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
           "borrowed values first, chosen on val all-mIoU; the chosen values then run on fresh "
           f"seeds {args.seeds} on {' and '.join(FRESH_TASKS)}, scored on val and on the "
           f"held-out drive {bench.HELDOUT_DRIVE} (never seen by a sweep).\n\n"
-          "## Search\n\n" + search_markdown(sweeps, chosen, downs) + "\n## Chosen values\n\n"
+          "## Search\n\n" + search_markdown(sweeps, chosen, positions) + "\n## Chosen values\n\n"
           + "\n".join(f"- {m}: " + ", ".join(f"{k}={format_value(v)}"
                                              for k, v in c["params"].items())
                       + f" (trial {c['index']}, val all {100 * c['score']:.1f})"

@@ -83,6 +83,7 @@ def test_ray_job_submit_to_the_clusters_head_runs_the_demo_on_its_worker_nodes(t
     import json
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     from ray.cluster_utils import Cluster
@@ -99,14 +100,21 @@ def test_ray_job_submit_to_the_clusters_head_runs_the_demo_on_its_worker_nodes(t
         cluster.wait_for_nodes()
         address = f"http://127.0.0.1:{port}"
         ray_cli = Path(sys.executable).with_name("ray")
-        submitted = subprocess.run(
-            [str(ray_cli), "job", "submit", "--address", address, "--submission-id",
-             "icd-demo", "--working-dir", ".", "--", "python", "-m", "icd_dist.run",
-             "--config", "configs/demo.yaml", f"run.storage_path={tmp_path}/runs",
-             f"data.train_shards={tmp_path}/data/train", f"data.eval_shards={tmp_path}/data/val",
-             "optim.epochs=1", "data.synthetic.num_train=32", "data.synthetic.num_eval=8",
-             "logging.wandb=disabled"],
-            cwd=root, capture_output=True, text=True, timeout=900)
+        submit = [str(ray_cli), "job", "submit", "--address", address, "--submission-id",
+                  "icd-demo", "--working-dir", ".", "--", "python", "-m", "icd_dist.run",
+                  "--config", "configs/demo.yaml", f"run.storage_path={tmp_path}/runs",
+                  f"data.train_shards={tmp_path}/data/train",
+                  f"data.eval_shards={tmp_path}/data/val", "optim.epochs=1",
+                  "data.synthetic.num_train=32", "data.synthetic.num_eval=8",
+                  "logging.wandb=disabled"]
+        # The head's job agent registers some time after the dashboard answers (long on a
+        # loaded machine); until then the job server refuses the submission, and nothing ran.
+        for _ in range(150):
+            submitted = subprocess.run(submit, cwd=root, capture_output=True, text=True,
+                                       timeout=900)
+            if "No available agent to submit job" not in submitted.stderr:
+                break
+            time.sleep(2)
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
         from ray.job_submission import JobSubmissionClient
 

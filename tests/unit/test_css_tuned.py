@@ -107,7 +107,7 @@ def test_range_positions_on_log_and_linear_scales(tuned):
     assert pos == {"w": pytest.approx(0.25), "u": pytest.approx(0.25)}
 
 
-def test_turned_down_flags_weights_chosen_at_the_bottom_of_their_range(tuned, tmp_path):
+def test_weights_at_the_bottom_are_turned_down_and_edges_flagged(tuned, tmp_path):
     space = {"loss.icd.lambda_int": {"loguniform": [0.01, 100.0]},
              "loss.icd.lambda_ext": {"loguniform": [0.1, 1000.0]},
              "optim.lr_incremental": {"loguniform": [5e-5, 5e-3]}}
@@ -117,16 +117,19 @@ def test_turned_down_flags_weights_chosen_at_the_bottom_of_their_range(tuned, tm
                              enumerate(zip((0.7, 0.5, 0.6, 0.1), params, strict=True))], space)
     sweep = tuned.read_sweep(tmp_path / "sw")
     chosen = tuned.choose(sweep)
-    downs = {d["key"]: d for d in tuned.turned_down(sweep, chosen)}
-    assert set(downs) == {"loss.icd.lambda_int", "loss.icd.lambda_ext"}  # not optim.*
+    downs = {d["key"]: d for d in tuned.weight_positions(sweep, chosen)}
+    assert set(downs) == {"loss.icd.lambda_int", "loss.icd.lambda_ext", "optim.lr_incremental"}
     lint = downs["loss.icd.lambda_int"]
-    assert lint["bottom"] and lint["chosen"] == 0.012
+    assert lint["edge"] == "bottom" and lint["chosen"] == 0.012
     assert lint["position"] == pytest.approx(math.log(1.2) / math.log(1e4))
     # the best three trials: scores 0.7, 0.6, 0.5
     assert lint["top3_positions"] == pytest.approx(
         [math.log(1.2) / math.log(1e4), math.log(5) / math.log(1e4),
          math.log(3000) / math.log(1e4)])
-    assert not downs["loss.icd.lambda_ext"]["bottom"]
+    assert downs["loss.icd.lambda_ext"]["edge"] == "top"  # 500 of [0.1, 1000]: 0.92
+    assert downs["optim.lr_incremental"]["edge"] == "bottom"
+    # turned down: the weights at the bottom, not the learning rate
+    assert tuned.turned_down(list(downs.values())) == ["loss.icd.lambda_int"]
 
 
 def test_chosen_values_reach_the_fresh_runs_and_name_their_folders(tuned, tmp_path):
@@ -169,9 +172,11 @@ def test_readings_say_above_below_or_not_separable(tuned):
              pair("mib", "large-4s", "heldout", "not settled", [2.0, -1.0, 3.0])]
     rows = [{"kind": "method", "task": "large-2s", "label": "dkd", "val": {"new": 12.5}}]
     chosen = {"icd": {"score": 0.61}, "mib": {"score": 0.65}}
-    lines = tuned.answers(rows, pairs, chosen)
+    lines = tuned.answers(rows, pairs, chosen, ["loss.icd.lambda_int"])
     assert lines[0].endswith("best ICD trial 61.0, best MiB trial 65.0: no ICD configuration "
                              "beat tuned MiB.")
+    assert lines.pop(1) == ("ICD's search turned down (chosen at the bottom of the range): "
+                            "loss.icd.lambda_int")
     assert "large-2s, val (drive 0016E5): tuned ICD is below tuned MIB" in lines[1]
     assert "per seed -2.0, -1.0, -3.0" in lines[1]
     assert "tuned ICD is above tuned PLOP" in lines[2]
