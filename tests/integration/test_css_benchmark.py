@@ -50,7 +50,10 @@ def test_smoke_benchmark_writes_the_table_from_one_shared_step0(tmp_path):
     from icd_dist.evaluate import evaluate_run
 
     work = tmp_path / "work" / "smoke"
-    direct = evaluate_run(str(work / "runs" / "large-2s-icd-s1"),
+    # a run's folder is its key (large-2s-icd-s1, tagged where the shipped values are tuned)
+    names = {label: rows[("method", "large-2s", label)]["command"].split("run.name=")[1]
+             .split()[0].removesuffix("-s0") for label in ("ft", "icd")}
+    direct = evaluate_run(str(work / "runs" / f"{names['icd']}-s1"),
                           str(work / "shards" / "heldout_0006R0"))
     assert rows[("method", "large-2s", "icd")]["heldout"]["per_seed"][1]["all"] == \
         pytest.approx(100 * direct["miou_all"])
@@ -64,7 +67,7 @@ def test_smoke_benchmark_writes_the_table_from_one_shared_step0(tmp_path):
     # the continual runs took the very model their seed's step 0 trained, not their own
     runs = tmp_path / "work" / "smoke" / "runs"
     by_seed = [{json.loads((runs / f"{name}-s{seed}" / "step_0" / "metrics.json").read_text())
-                ["student_digests"][0] for name in ("step0-large", "large-2s-ft", "large-2s-icd")}
+                ["student_digests"][0] for name in ("step0-large", names["ft"], names["icd"])}
                for seed in (0, 1)]
     assert len(by_seed[0]) == len(by_seed[1]) == 1 and by_seed[0] != by_seed[1]
     table = (out / "results.md").read_text()

@@ -147,6 +147,13 @@ def test_heldout_drive_is_out_of_training(bench, tmp_path):
     assert len(sets["val"]) == 1
 
 
+def run_key(bench, task, method, seed):
+    """A method run's key as plan names it: plain for ft and the natural-order tasks, with the
+    shipped file's tag where the tuning study changed it (run_tag)."""
+    config = bench.method_config(task, method, False)
+    return f"{task}-{method}-{bench.run_tag(task, method, config, [])}s{seed}"
+
+
 def _args(**kw):
     base = {"seeds": [0], "smoke": False, "tasks": ["large-2s"], "methods": ["mib"],
             "ablation_task": None, "joint": True, "launcher": "local"}
@@ -166,9 +173,10 @@ def test_plan_runs_every_continual_schedule_from_its_family_step0(bench, tmp_pat
     # every run is evaluated on the held-out drive once, after it
     evals = {j.needs: j for j in jobs if j.kind == "eval"}
     assert set(evals) == {j.key for j in trained}
-    assert evals["large-2s-mib-s0"].extra_args == [
-        "--run", str(runs / "large-2s-mib-s0"), "--data", str(tmp_path / "h"), "--json"]
-    assert evals["large-2s-mib-s0"].command("py")[:3] == ["py", "-m", "icd_dist.evaluate"]
+    mib = run_key(bench, "large-2s", "mib", 0)
+    assert evals[mib].extra_args == [
+        "--run", str(runs / mib), "--data", str(tmp_path / "h"), "--json"]
+    assert evals[mib].command("py")[:3] == ["py", "-m", "icd_dist.evaluate"]
     assert [j.kind for j in trained[:4]] == ["step0"] * 4
     for j in trained:
         assert f"run.seed={j.seed}" in j.overrides and f"run.name={j.key}" in j.overrides
@@ -196,20 +204,21 @@ def test_plan_trains_dkds_own_step0_for_its_rows(bench, tmp_path):
     shards = {"train": tmp_path / "t", "val": tmp_path / "v", "heldout": tmp_path / "h"}
     args = _args(tasks=["large-2s", "large-4s"], methods=["mib", "dkd"])
     jobs = {j.key: j for j in bench.plan(args, shards, tmp_path / "r") if j.kind != "eval"}
+    key = {(t, m): run_key(bench, t, m, 0) for t in ("large-2s", "large-4s")
+           for m in ("mib", "dkd")}
     assert set(jobs) == {"step0-large-s0", "step0-dkd-large-s0", "joint-large-s0",
-                         "large-2s-mib-s0", "large-4s-mib-s0", "large-2s-dkd-s0",
-                         "large-4s-dkd-s0"}
+                         *key.values()}
     own = jobs["step0-dkd-large-s0"]
     assert own.kind == "step0" and own.config == "configs/camvid/large-2s_dkd.yaml"
     assert own.extra_args == ["--last-step", "0"]
     for task in ("large-2s", "large-4s"):
-        assert jobs[f"{task}-dkd-s0"].needs == "step0-dkd-large-s0"
-        assert jobs[f"{task}-dkd-s0"].config == f"configs/camvid/{task}_dkd.yaml"
-        assert jobs[f"{task}-mib-s0"].needs == "step0-large-s0"
+        assert jobs[key[task, "dkd"]].needs == "step0-dkd-large-s0"
+        assert jobs[key[task, "dkd"]].config == f"configs/camvid/{task}_dkd.yaml"
+        assert jobs[key[task, "mib"]].needs == "step0-large-s0"
     # DKD alone, without joint: no CE step 0 to train
     args = _args(methods=["dkd"], joint=False)
     assert [j.key for j in bench.plan(args, shards, tmp_path / "r") if j.kind != "eval"] \
-        == ["step0-dkd-large-s0", "large-2s-dkd-s0"]
+        == ["step0-dkd-large-s0", key["large-2s", "dkd"]]
 
 
 def test_the_large_task_configs_hold_their_classes_and_protocol():
@@ -264,6 +273,8 @@ def test_settings_pick_shipped_or_borrowed_configs_and_keep_their_runs_apart(ben
     root = Path(__file__).resolve().parents[2]
     shutil.copytree(root / "configs", tmp_path / "configs")
     monkeypatch.setattr(bench, "ROOT", tmp_path)
+    shipped = tmp_path / "configs/camvid/large-2s_mib.yaml"
+    shipped.write_text((tmp_path / "configs/camvid/large-2s_mib_borrowed.yaml").read_text())
     shards = {"train": tmp_path / "t", "val": tmp_path / "v", "heldout": tmp_path / "h"}
 
     def keys(settings, tuned=None):
@@ -278,7 +289,6 @@ def test_settings_pick_shipped_or_borrowed_configs_and_keep_their_runs_apart(ben
         ("ft", "large-2s-ft-s0", "configs/camvid/large-2s_ft.yaml"),
         ("mib", "large-2s-mib-s0", "configs/camvid/large-2s_mib_borrowed.yaml")}
     # the study's values in the shipped file: its runs and the borrowed ones never share a key
-    shipped = tmp_path / "configs/camvid/large-2s_mib.yaml"
     shipped.write_text(shipped.read_text() + "loss: {lambda_kd: 3.0}\n")
     tag = bench.tuned_key([shipped.read_text()])
     assert ("mib", f"large-2s-mib-tuned-{tag}-s0", "configs/camvid/large-2s_mib.yaml") in \

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from icd_dist.config import ConfigError, dump_config, load_config, update
+from icd_dist.config import ConfigError, dump_config, load_config, update, value_at
 from icd_dist.css import get_task
 from icd_dist.css.classes import generic_spec
 from icd_dist.losses.dkd import dkd_terms
-from icd_dist.methods import build_method
+from icd_dist.methods import METHODS, build_method
 from icd_dist.models.deeplab import DeepLabV3
 from icd_dist.models.dkd_classifier import DKDClassifier, dkd_predict
 from icd_dist.models.teacher import freeze
@@ -636,6 +636,11 @@ def test_shipped_configs_carry_dkds_recipe():
     for dataset, tasks in files.items():
         for task in tasks:
             cfg = load_config(root / dataset / f"{task}_dkd.yaml")
+            borrowed = root / dataset / f"{task}_dkd_borrowed.yaml"
+            if borrowed.is_file():  # the tuning study's values: only DKD's searched keys moved
+                tuned, cfg = cfg, load_config(borrowed)
+                searched = {d.key for d in METHODS["dkd"].search_space(cfg)}
+                assert tuned == update(cfg, {k: value_at(tuned, k) for k in searched})
             o, d = cfg.optim, cfg.loss.dkd
             assert (cfg.method.name, cfg.model.classifier, cfg.task.name) == ("dkd", "dkd", task)
             assert (o.optimizer, o.lr, o.lr_incremental, o.batch_size, o.epochs,
