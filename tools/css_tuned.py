@@ -529,7 +529,9 @@ def main(argv: list[str] | None = None) -> int:
           f"trials of its own space on {SEARCH_TASK} at seed 100, Optuna TPE (seed 0), its "
           "borrowed values first, chosen on val all-mIoU; the chosen values then run on fresh "
           f"seeds {args.seeds} on {' and '.join(FRESH_TASKS)}, scored on val and on the "
-          f"held-out drive {bench.HELDOUT_DRIVE} (never seen by a sweep).\n\n"
+          f"held-out drive {bench.HELDOUT_DRIVE} (never seen by a sweep)"
+          + (" - not in this file: `--phase search` stops after the choices" if not rows
+             else "") + ".\n\n"
           "## Search\n\n" + search_markdown(sweeps, chosen, positions) + "\n## Chosen values\n\n"
           + "\n".join(f"- {m}: " + ", ".join(f"{k}={format_value(v)}"
                                              for k, v in c["params"].items())
