@@ -64,7 +64,7 @@ def ray_free_tests_start_no_ray(request, monkeypatch):
 def pytest_xdist_make_scheduler(config, log):
     """Under `-n 2` (the README's test command) the tests that start Ray run one after another
     in one worker process, as they must: some check that no Ray answers or start a second
-    instance on purpose, and each sizes its cluster to the machine's 2 cores. The other
+    instance on purpose, and two at once would compete for the machine's 2 cores. The other
     worker meanwhile runs the rest of the suite, mostly single-threaded, on
     the core a Ray test leaves idle about a quarter of its time. (xdist's own
     `--dist loadgroup` reads its groups from node ids that pytest 9.2 no longer lets it
