@@ -13,7 +13,7 @@
             scored on val and on the held-out drive (tools/css_benchmark.py's runs, tables and
             paired-difference rule).
 
-    python tools/css_tuned.py                       # the README's study (about 4 h here)
+    python tools/css_tuned.py                       # the README's study (search: 116 min here)
     python tools/css_tuned.py --phase search        # the sweeps only, and what they chose
     python tools/css_tuned.py --smoke --work /tmp/t # a tiny end-to-end check (CI)
 
