@@ -803,7 +803,7 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], sources: dict[str, s
     for key, value in update.items():
         full = f"{prefix}{key}"
         if full == SPACE_KEY and isinstance(value, Mapping):
-            value = _nest_dotted(value)  # so that a later file or override wins key by key
+            value = nest_dotted(value)  # so that a later file or override wins key by key
         # a search dimension ({loguniform: [lo, hi]}) replaces the one before, not merges
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and \
                 not (value and set(value) <= set(DISTRIBUTIONS)):
@@ -814,12 +814,12 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], sources: dict[str, s
     return out
 
 
-def _nest_dotted(mapping: Mapping[str, Any]) -> dict[str, Any]:
+def nest_dotted(mapping: Mapping[str, Any]) -> dict[str, Any]:
     """{"loss.icd.tau": v} as {"loss": {"icd": {"tau": v}}}, mappings merged key by key."""
     out: dict[str, Any] = {}
     for key, value in mapping.items():
         if isinstance(value, Mapping):
-            value = _nest_dotted(value)
+            value = nest_dotted(value)
         nested = _nest(str(key), value) if "." in str(key) else {key: value}
         out = _merge(out, nested, {}, "")
     return out

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import css_benchmark as bench  # noqa: E402
 from bench_common import cpu_name  # noqa: E402
 
-from icd_dist.config import load_config  # noqa: E402
+from icd_dist.config import load_config, nest_dotted  # noqa: E402
 from icd_dist.methods import METHODS as REGISTRY  # noqa: E402
 from icd_dist.train.sweep_console import format_value  # noqa: E402
 
@@ -288,15 +288,9 @@ def write_configs(chosen: Mapping[str, Mapping], root: Path = ROOT) -> list[Path
     for task in FRESH_TASKS:
         for method, choice in chosen.items():
             borrowed = root / "configs" / "camvid" / f"{task}_{method}_borrowed.yaml"
-            nested: dict = {"bases": yaml.safe_load(borrowed.read_text())["bases"]}
-            extra = {k: v for k, v in yaml.safe_load(borrowed.read_text()).items()
-                     if k != "bases"}
-            for key, value in [*_flatten(extra), *sorted(choice["params"].items())]:
-                node = nested
-                *parents, leaf = key.split(".")
-                for part in parents:
-                    node = node.setdefault(part, {})
-                node[leaf] = value
+            # the borrowed file's bases and settings, the chosen dotted keys merged on top
+            nested = nest_dotted({**yaml.safe_load(borrowed.read_text()),
+                                  **dict(sorted(choice["params"].items()))})
             path = borrowed.with_name(f"{task}_{method}.yaml")
             path.write_text(
                 f"# {method} on CamVid {task} at the values the tuning study chose for it "
@@ -307,16 +301,6 @@ def write_configs(chosen: Mapping[str, Mapping], root: Path = ROOT) -> list[Path
                 + yaml.safe_dump(nested, sort_keys=False, default_flow_style=None))
             written.append(path)
     return written
-
-
-def _flatten(mapping: Mapping, prefix: str = "") -> list[tuple[str, object]]:
-    out = []
-    for key, value in mapping.items():
-        if isinstance(value, Mapping):
-            out += _flatten(value, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out
 
 
 def load_timings(work: Path) -> dict:
