@@ -13,7 +13,7 @@
             scored on val and on the held-out drive (tools/css_benchmark.py's runs, tables and
             paired-difference rule).
 
-    python tools/css_tuned.py                       # the README's study (search: 116 min here)
+    python tools/css_tuned.py                       # the README's study (2.9 h here)
     python tools/css_tuned.py --phase search        # the sweeps only, and what they chose
     python tools/css_tuned.py --smoke --work /tmp/t # a tiny end-to-end check (CI)
 
@@ -53,6 +53,7 @@ from icd_dist.train.sweep_console import format_value  # noqa: E402
 TUNED = ("mib", "plop", "icd", "dkd")
 SEARCH_TASK = "large-2s"
 FRESH_TASKS = ("large-2s", "large-4s")
+METHOD_NAMES = {"mib": "MiB", "plop": "PLOP", "icd": "ICD", "dkd": "DKD"}
 SWEEP_CONFIG = "configs/tune/camvid-large_{method}.yaml"
 # A chosen value in the lowest (highest) tenth of its (log) range sits at its bottom (top):
 # a weight at the bottom was turned down; at either edge the range may have been too narrow.
@@ -412,9 +413,10 @@ def answers(rows: Sequence[Mapping], pairs: Sequence[Mapping], chosen: Mapping,
                 word = {"higher": "above", "lower": "below"}.get(p["verdict"],
                                                                  "not separable from")
                 spread = "-" if p["spread"] is None else f"{p['spread']:.1f}"
+                diffs = ", ".join(f"{d:+.1f}" for d in p["diffs"])
                 out.append(f"{task}, {bench.EVAL_SET_NAMES[eval_set]}: tuned ICD is {word} "
-                           f"tuned {other.upper()} on all-mIoU (mean {p['mean']:+.1f}, spread "
-                           f"{spread}, per seed {', '.join(f'{d:+.1f}' for d in p['diffs'])})")
+                           f"tuned {METHOD_NAMES[other]} on all-mIoU (mean {p['mean']:+.1f}, "
+                           f"spread {spread}, per seed {diffs})")
     dkd = next((r for r in rows if r["kind"] == "method" and r["task"] == SEARCH_TASK
                 and r["label"] == "dkd"), None)
     if dkd is not None and dkd["val"]["new"] is not None:

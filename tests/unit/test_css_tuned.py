@@ -177,10 +177,10 @@ def test_readings_say_above_below_or_not_separable(tuned):
                              "beat tuned MiB.")
     assert lines.pop(1) == ("ICD's search turned down (chosen at the bottom of the range): "
                             "loss.icd.lambda_int")
-    assert "large-2s, val (drive 0016E5): tuned ICD is below tuned MIB" in lines[1]
+    assert "large-2s, val (drive 0016E5): tuned ICD is below tuned MiB" in lines[1]
     assert "per seed -2.0, -1.0, -3.0" in lines[1]
     assert "tuned ICD is above tuned PLOP" in lines[2]
-    assert "large-4s, held-out drive 0006R0: tuned ICD is not separable from tuned MIB" in \
+    assert "large-4s, held-out drive 0006R0: tuned ICD is not separable from tuned MiB" in \
         lines[3]
     assert lines[4] == ("Tuned DKD on large-2s: val new-class mIoU 12.5 (below 20: it does "
                         "not learn its new classes at this budget)")
